@@ -1,0 +1,1 @@
+"""synth: config-driven image synthesis on diffusers pipelines."""
