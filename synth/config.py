@@ -1,0 +1,188 @@
+"""Config helpers: OmegaConf resolvers, size parsing and the input checks that run before any model loads.
+
+Nothing here imports torch or diffusers, so a bad command line fails in well under a second.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+
+from omegaconf import DictConfig, OmegaConf
+
+from synth.families import get_family
+
+CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
+MAX_SIDE = 16384  # beyond this even tiled sampling needs more than one GPU's host memory
+DEVICES = ("auto", "cuda", "cpu", "mps")
+DTYPES = ("auto", "fp16", "bf16", "fp32")
+HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+
+
+def cache_dir() -> str:
+    """Where synth keeps built twins and caches: $SYNTH_CACHE_DIR, else ~/.cache/synth."""
+    return str(Path(os.environ.get("SYNTH_CACHE_DIR", "~/.cache/synth")).expanduser())
+
+
+if not OmegaConf.has_resolver("synth_cache"):
+    OmegaConf.register_new_resolver("synth_cache", cache_dir)
+
+
+def parse_size(size, native_size: int) -> tuple[int, int]:
+    """Turn `size` (None, an int, "2048" or "1216x832") into (width, height)."""
+    if size is None:
+        return native_size, native_size
+    if isinstance(size, bool) or not isinstance(size, (int, str)):
+        raise ValueError(f"size={size!r}: give an int (2048) or 'WxH' (1216x832)")
+    text = str(size).strip().lower()
+    match = re.fullmatch(r"(-?\d+)(?:x(-?\d+))?", text)
+    if match is None:
+        raise ValueError(f"size={size!r}: give an int (2048) or 'WxH' (1216x832)")
+    width = int(match.group(1))
+    height = int(match.group(2)) if match.group(2) is not None else width
+    return width, height
+
+
+def check_size(width: int, height: int, family_name: str) -> None:
+    step = get_family(family_name).size_step
+    for side, value in (("width", width), ("height", height)):
+        if value <= 0 or value > MAX_SIDE:
+            raise ValueError(f"size: {side} {value} is out of range; allowed 1..{MAX_SIDE} in multiples of {step}")
+        if value % step:
+            raise ValueError(
+                f"size: {side} {value} is not a multiple of {step} ({family_name} needs multiples of {step}); "
+                f"try {value // step * step or step}"
+            )
+
+
+def is_single_file(path: str) -> bool:
+    return path.lower().endswith((".safetensors", ".ckpt", ".pt", ".bin"))
+
+
+def check_model_path(model_cfg: DictConfig) -> None:
+    """model.path must be a local diffusers folder, a local single-file checkpoint, or a hub id."""
+    path = str(model_cfg.path)
+    family = get_family(model_cfg.family)
+    if model_cfg.get("twin"):
+        return  # built on first use by synth.twins
+    local = Path(path).expanduser()
+    if is_single_file(path):
+        if not path.lower().endswith(".safetensors"):
+            raise ValueError(
+                f"model.path={path}: only .safetensors single-file checkpoints are loaded "
+                "(.ckpt/.pt/.bin files can run arbitrary code when unpickled)"
+            )
+        if not family.single_file:
+            raise ValueError(
+                f"model.path={path}: {family.name} has no single-file format; "
+                "single-file checkpoints are supported for sd15, sdxl and sd3"
+            )
+        if not local.is_file():
+            raise FileNotFoundError(f"model.path={path}: no such file")
+        return
+    if local.exists():
+        if not (local / "model_index.json").is_file():
+            raise ValueError(f"model.path={path}: folder has no model_index.json (not a diffusers pipeline folder)")
+        return
+    if not HUB_ID.match(path):
+        raise ValueError(
+            f"model.path={path}: neither an existing local path nor a hub id like 'owner/name'"
+        )
+
+
+def check_offline(model_cfg: DictConfig) -> None:
+    """With HF_HUB_OFFLINE set, a hub id whose weights are not cached fails now, not mid-load."""
+    path = str(model_cfg.path)
+    if model_cfg.get("twin") or Path(path).expanduser().exists() or not HUB_ID.match(path):
+        return
+    if os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("0", "false", "no", ""):
+        return
+    from huggingface_hub import try_to_load_from_cache
+
+    if not isinstance(try_to_load_from_cache(path, "model_index.json"), str):
+        raise offline_error(path)
+
+
+def offline_error(path: str) -> FileNotFoundError:
+    return FileNotFoundError(
+        f"model.path={path}: weights are not available offline; download them first, point model.path "
+        "at a local folder or .safetensors file, or use an offline twin (model=tiny_sd15, tiny_sdxl, "
+        "tiny_sdxl_turbo, tiny_sd3, tiny_kolors, tiny_hunyuan_dit)"
+    )
+
+
+def check_init_image(path: str) -> tuple[int, int]:
+    """The init image must exist and decode; returns its (width, height)."""
+    from PIL import Image, UnidentifiedImageError
+
+    if not Path(path).expanduser().is_file():
+        raise FileNotFoundError(f"init_image={path}: no such file")
+    try:
+        with Image.open(Path(path).expanduser()) as image:
+            image.load()
+            return image.size
+    except (UnidentifiedImageError, OSError, SyntaxError) as error:
+        raise ValueError(f"init_image={path}: not a readable image ({error})") from None
+
+
+def check_inputs(cfg: DictConfig) -> tuple[int, int]:
+    """Validate an infer config before anything heavy runs; returns (width, height)."""
+    model = cfg.model
+    family = get_family(model.family)
+    scheduler = cfg.scheduler
+    if family.name not in scheduler.families:
+        raise ValueError(
+            f"scheduler={scheduler.name} does not fit {family.name} "
+            f"(it suits {', '.join(scheduler.families)}); for {family.name} use one of: "
+            + ", ".join(fitting_schedulers(family.name))
+        )
+    if cfg.device not in DEVICES:
+        raise ValueError(f"device={cfg.device}: choose one of {', '.join(DEVICES)}")
+    if cfg.dtype not in DTYPES:
+        raise ValueError(f"dtype={cfg.dtype}: choose one of {', '.join(DTYPES)}")
+    steps = cfg.num_inference_steps if cfg.num_inference_steps is not None else model.num_inference_steps
+    if not isinstance(steps, int) or isinstance(steps, bool) or steps < 1:
+        raise ValueError(f"num_inference_steps={steps}: must be an integer >= 1")
+    if not isinstance(cfg.num_images, int) or cfg.num_images < 1:
+        raise ValueError(f"num_images={cfg.num_images}: must be an integer >= 1")
+    guidance = cfg.guidance_scale if cfg.guidance_scale is not None else model.guidance_scale
+    if not isinstance(guidance, (int, float)) or guidance < 0:
+        raise ValueError(f"guidance_scale={guidance}: must be a number >= 0")
+    if not isinstance(cfg.seed, int) or isinstance(cfg.seed, bool) or not 0 <= cfg.seed < 2**63:
+        raise ValueError(f"seed={cfg.seed}: must be an integer in [0, 2**63)")
+    width, height = parse_size(cfg.size, model.native_size)
+    check_size(width, height, family.name)
+    if cfg.init_image is not None:
+        image_size = check_init_image(str(cfg.init_image))
+        if cfg.size is None:  # image-to-image keeps the init image's size unless size= asks for another
+            width, height = image_size
+            if width % family.size_step or height % family.size_step:
+                raise ValueError(
+                    f"init_image={cfg.init_image}: its size {width}x{height} is not a multiple of "
+                    f"{family.size_step} ({family.name}); pass size=WxH to resize it"
+                )
+        strength = cfg.denoise_strength
+        if not isinstance(strength, (int, float)) or not 0 < strength <= 1:
+            raise ValueError(f"denoise_strength={strength}: must be in (0, 1]")
+        if family.img2img_steps(steps, strength) < 1:
+            raise ValueError(
+                f"denoise_strength={strength} with num_inference_steps={steps} runs no step "
+                "(image-to-image runs about steps * strength steps); raise either"
+            )
+    check_model_path(model)
+    check_offline(model)
+    return width, height
+
+
+def fitting_schedulers(family_name: str) -> list[str]:
+    names = []
+    for file in sorted((CONF_DIR / "scheduler").glob("*.yaml")):
+        if family_name in OmegaConf.load(file).families:
+            names.append(file.stem)
+    return names
+
+
+def group_options(group: str) -> list[str]:
+    """The choices of a config group, from the files in conf/."""
+    return sorted(file.stem for file in (CONF_DIR / group).glob("*.yaml"))

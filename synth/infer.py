@@ -1,0 +1,75 @@
+"""Text-to-image and image-to-image from a composed config: `infer(cfg)` is what `python infer.py` runs."""
+
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+
+from omegaconf import DictConfig, OmegaConf, open_dict
+
+from synth.config import check_inputs
+
+log = logging.getLogger(__name__)
+
+
+def infer(cfg: DictConfig) -> list[Path]:
+    """Generate cfg.num_images images and write them as PNGs with provenance; returns their paths."""
+    # 1. Check inputs: every user error surfaces here, before torch or any weights load.
+    width, height = check_inputs(cfg)
+    model = cfg.model
+    steps = cfg.num_inference_steps if cfg.num_inference_steps is not None else model.num_inference_steps
+    guidance = cfg.guidance_scale if cfg.guidance_scale is not None else model.guidance_scale
+    task = "img2img" if cfg.init_image is not None else "text2img"
+
+    import torch
+    from PIL import Image
+
+    from synth import pipelines
+    from synth.families import get_family
+    from synth.images import CONFIG_KEY, PARAMETERS_KEY, a1111_parameters, save_png
+
+    family = get_family(model.family)
+
+    # 2. Build the pipeline, or reuse the one this process built for the same model, device and dtype.
+    device = pipelines.resolve_device(cfg.device)
+    dtype = pipelines.resolve_dtype(cfg.dtype, device, model)
+    pipe = pipelines.for_task(pipelines.get_pipeline(cfg, device, dtype), family.name, task)
+    pipe.set_progress_bar_config(desc=f"{family.name} {task}", leave=False)
+
+    # 3. Prepare the call: image-to-image takes the init image at the requested size.
+    call = {
+        "prompt": str(cfg.prompt),
+        "negative_prompt": str(cfg.negative_prompt) if cfg.negative_prompt else None,
+        "num_inference_steps": steps,
+        "guidance_scale": float(guidance),
+        **family.call_kwargs(model, task, width, height),
+    }
+    if task == "img2img":
+        with Image.open(Path(str(cfg.init_image)).expanduser()) as init:
+            init_image = init.convert("RGB")
+        if init_image.size != (width, height):  # size= was given: the user asked for the resize
+            init_image = init_image.resize((width, height), Image.LANCZOS)
+        call.update(image=init_image, strength=float(cfg.denoise_strength))
+
+    # 4. Generate each image from its own seed (a CPU generator gives the same noise on every device).
+    out_dir = Path(cfg.output_dir)
+    written = []
+    for index in range(cfg.num_images):
+        seed = cfg.seed + index
+        image_cfg = cfg.copy()
+        with open_dict(image_cfg):
+            image_cfg.seed, image_cfg.num_images = seed, 1
+        start = time.perf_counter()
+        image = pipe(**call, generator=torch.Generator("cpu").manual_seed(seed)).images[0]
+        log.info("image %d/%d (seed %d) in %.2f s", index + 1, cfg.num_images, seed, time.perf_counter() - start)
+
+        # 5. Write the PNG with its prompt, settings and the config that regenerates exactly this image.
+        text = {
+            PARAMETERS_KEY: a1111_parameters(image_cfg, width, height, steps, guidance),
+            CONFIG_KEY: OmegaConf.to_yaml(image_cfg, resolve=True),
+        }
+        path = save_png(image, out_dir, f"{index:03d}-seed{seed}", text)
+        print(path, flush=True)
+        written.append(path)
+    return written

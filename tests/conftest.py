@@ -1,0 +1,47 @@
+"""Shared test setup: no network, a fresh twin cache per session, composed configs and the real CLI."""
+
+import os
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+os.environ["HF_HUB_OFFLINE"] = "1"  # a test that reaches for the hub fails instead of hanging
+os.environ["WANDB_MODE"] = "disabled"
+# Twins are rebuilt once per test session, so a stale cache from an older synth can never be tested.
+os.environ.setdefault("SYNTH_CACHE_DIR", tempfile.mkdtemp(prefix="synth-test-cache-"))
+
+import pytest  # noqa: E402
+from hydra import compose, initialize_config_dir  # noqa: E402
+from omegaconf import open_dict  # noqa: E402
+
+import synth.config  # noqa: E402,F401  (registers the synth_cache resolver)
+
+ROOT = Path(__file__).resolve().parent.parent
+CONF = str(ROOT / "conf")
+
+
+def compose_infer(overrides=(), output_dir=None):
+    """The config `python infer.py <overrides>` would run, with output_dir set for calls without Hydra."""
+    with initialize_config_dir(config_dir=CONF, version_base="1.3"):
+        cfg = compose(config_name="infer", overrides=list(overrides))
+    if output_dir is not None:
+        with open_dict(cfg):
+            cfg.output_dir = str(output_dir)
+    return cfg
+
+
+def run_cli(script, *args, cwd):
+    """Run `python <script> args...` as a user would; returns the CompletedProcess."""
+    return subprocess.run(
+        [sys.executable, str(ROOT / script), *args],
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+
+
+@pytest.fixture
+def compose_cfg():
+    return compose_infer
