@@ -44,7 +44,7 @@ class HunyuanDiTImg2ImgPipeline(HunyuanDiTPipeline):
 
     @property
     def size_multiple(self) -> int:
-        """Pixels per transformer patch: image sizes must be a multiple of this (8 x 2 = 16 for the real model)."""
+        """Pixels per transformer patch; image sizes must be a multiple of it (8 x 2 = 16 for the real model)."""
         return self.vae_scale_factor * self.transformer.config.patch_size
 
     def image_size(self, image) -> tuple[int, int]:
@@ -72,14 +72,13 @@ class HunyuanDiTImg2ImgPipeline(HunyuanDiTPipeline):
 
         The diffusers img2img pipelines take such latents in place of pixels (a highres pass does).
         """
-        return (
-            isinstance(image, torch.Tensor) and image.ndim == 4 and image.shape[1] == self.vae.config.latent_channels
-        )
+        latent_channels = self.vae.config.latent_channels
+        return isinstance(image, torch.Tensor) and image.ndim == 4 and image.shape[1] == latent_channels
 
     def check_img2img_inputs(self, image, strength, num_inference_steps, height, width):
         """Refuse what the text-to-image `check_inputs` does not know about: image, strength, size."""
         if image is None:
-            raise ValueError("`image` is required for image-to-image; use HunyuanDiTPipeline for text-to-image.")
+            raise ValueError("`image` is required for image-to-image; HunyuanDiTPipeline does text-to-image.")
         if not 0.0 < strength <= 1.0:
             raise ValueError(f"`strength` must be in (0, 1], got {strength}.")
         if int(num_inference_steps * strength) < 1:
@@ -121,7 +120,7 @@ class HunyuanDiTImg2ImgPipeline(HunyuanDiTPipeline):
     def prepare_img2img_latents(
         self, image, start_timestep, strength, batch_size, dtype, device, generator, latents=None
     ) -> torch.Tensor:
-        """Return the starting latents: the encoded image noised to `start_timestep`, or pure noise at strength 1.
+        """Return the starting latents: the encoded image noised to `start_timestep`; pure noise at strength 1.
 
         `image` is the preprocessed batch (pixels in [-1, 1], or latents); it is repeated to
         `batch_size` rows. `latents`, if given, is the Gaussian noise to use instead of drawing it
@@ -129,7 +128,7 @@ class HunyuanDiTImg2ImgPipeline(HunyuanDiTPipeline):
         """
         if isinstance(generator, list) and len(generator) != batch_size:
             raise ValueError(
-                f"Got {len(generator)} generators for an effective batch of {batch_size} images; pass one per image."
+                f"Got {len(generator)} generators for a batch of {batch_size} images; pass one per image."
             )
         if batch_size % image.shape[0] != 0:
             raise ValueError(f"Cannot repeat {image.shape[0]} input images to a batch of {batch_size} images.")
@@ -143,7 +142,7 @@ class HunyuanDiTImg2ImgPipeline(HunyuanDiTPipeline):
         if latents is None:
             noise = randn_tensor(shape, generator=generator, device=device, dtype=dtype)
         elif tuple(latents.shape) != shape:
-            raise ValueError(f"`latents` must have shape {shape} for this image and batch, got {tuple(latents.shape)}.")
+            raise ValueError(f"`latents` must have shape {shape} for this image and batch, got {tuple(latents.shape)}")
         else:
             noise = latents.to(device=device, dtype=dtype)
 
@@ -324,7 +323,8 @@ class HunyuanDiTImg2ImgPipeline(HunyuanDiTPipeline):
         )
         style = torch.tensor([0], device=device)
         target_size = target_size or (height, width)
-        add_time_ids = torch.tensor([list(original_size + target_size + crops_coords_top_left)], dtype=prompt_embeds.dtype)
+        add_time_ids = list(original_size + target_size + crops_coords_top_left)
+        add_time_ids = torch.tensor([add_time_ids], dtype=prompt_embeds.dtype)
 
         if self.do_classifier_free_guidance:
             prompt_embeds = torch.cat([negative_prompt_embeds, prompt_embeds])
@@ -371,7 +371,7 @@ class HunyuanDiTImg2ImgPipeline(HunyuanDiTPipeline):
                     noise_pred_uncond, noise_pred_text = noise_pred.chunk(2)
                     noise_pred = noise_pred_uncond + guidance_scale * (noise_pred_text - noise_pred_uncond)
                     if guidance_rescale > 0.0:
-                        noise_pred = rescale_noise_cfg(noise_pred, noise_pred_text, guidance_rescale=guidance_rescale)
+                        noise_pred = rescale_noise_cfg(noise_pred, noise_pred_text, guidance_rescale)
 
                 latents = self.scheduler.step(noise_pred, t, latents, **extra_step_kwargs, return_dict=False)[0]
 
@@ -379,11 +379,11 @@ class HunyuanDiTImg2ImgPipeline(HunyuanDiTPipeline):
                     step_locals = locals()
                     callback_kwargs = {name: step_locals[name] for name in callback_on_step_end_tensor_inputs}
                     callback_outputs = callback_on_step_end(self, i, t, callback_kwargs)
+                    # Negative embeddings a callback returns are ignored, as in the parent: by now they
+                    # are the first half of prompt_embeds / prompt_embeds_2.
                     latents = callback_outputs.pop("latents", latents)
                     prompt_embeds = callback_outputs.pop("prompt_embeds", prompt_embeds)
-                    negative_prompt_embeds = callback_outputs.pop("negative_prompt_embeds", negative_prompt_embeds)
                     prompt_embeds_2 = callback_outputs.pop("prompt_embeds_2", prompt_embeds_2)
-                    negative_prompt_embeds_2 = callback_outputs.pop("negative_prompt_embeds_2", negative_prompt_embeds_2)
                 progress_bar.update()
 
         # 7. Decode (and run the safety checker, when the pipeline has one).
@@ -392,7 +392,10 @@ class HunyuanDiTImg2ImgPipeline(HunyuanDiTPipeline):
         else:
             image = self.vae.decode(latents / self.vae.config.scaling_factor, return_dict=False)[0]
             image, has_nsfw_concept = self.run_safety_checker(image, device, prompt_embeds.dtype)
-            do_denormalize = [True] * image.shape[0] if has_nsfw_concept is None else [not nsfw for nsfw in has_nsfw_concept]
+            if has_nsfw_concept is None:
+                do_denormalize = [True] * image.shape[0]
+            else:
+                do_denormalize = [not nsfw for nsfw in has_nsfw_concept]
             image = self.image_processor.postprocess(image, output_type=output_type, do_denormalize=do_denormalize)
 
         self.maybe_free_model_hooks()
