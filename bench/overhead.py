@@ -80,7 +80,7 @@ def main():
     dtype = pipelines.resolve_dtype(cfg.dtype, device, cfg.model)
     pipelines.ensure_weights(cfg.model)
     family = get_family(cfg.model.family)
-    plain = family.pipeline_class("text2img").from_pretrained(cfg.model.path, torch_dtype=dtype).to(device)
+    plain = family.pipeline_class("text2img").from_pretrained(cfg.model.path, dtype=dtype).to(device)
     plain.set_progress_bar_config(disable=True)
     size, steps, guidance = cfg.model.native_size, cfg.model.num_inference_steps, cfg.model.guidance_scale
 

@@ -56,7 +56,7 @@ def load_pipeline(model_cfg: DictConfig, device: torch.device, dtype: torch.dtyp
     family = get_family(model_cfg.family)
     ensure_weights(model_cfg)
     cls = family.pipeline_class("text2img")
-    kwargs = {"torch_dtype": dtype, **family.load_kwargs(model_cfg)}
+    kwargs = {"dtype": dtype, **family.load_kwargs(model_cfg)}
     path = str(model_cfg.path)
     log.info("loading %s pipeline from %s (%s, %s)", family.name, path, device, str(dtype).removeprefix("torch."))
     try:

@@ -6,11 +6,13 @@ scheduler and tokenizer types, but small widths, few layers and random weights.
 Twins load through the same ``from_pretrained`` call as real weights, so tests
 and benchmarks exercise synth's real code paths without the Hugging Face hub.
 
-Tokenizers are trained here on a built-in caption corpus, so common words
-("a", "photo", "dog", "猫") are real tokens rather than byte fallbacks.
+Tokenizers are trained here on a built-in caption corpus of English and Chinese,
+so common words ("a", "photo", "dog") are real tokens of the CLIP, BERT and
+ChatGLM vocabularies rather than byte or character fallbacks.
 """
 
 import json
+import math
 import os
 import shutil
 import string
@@ -49,6 +51,8 @@ CAPTIONS = (
     "a futuristic city with tall buildings, digital art",
     "a cute robot, 3d render, high quality",
     "a landscape with a river, mountains and clouds",
+    "a quick brown fox jumps over the lazy dog",  # every letter, so no English word falls back to <unk>
+    "a poster with the numbers 0 1 2 3 4 5 6 7 8 9",
     "一只猫坐在窗台上",
     "一只狗在草地上奔跑",
     "一辆红色的汽车停在街道上",
@@ -73,7 +77,7 @@ class TwinSize:
     vae_channels: tuple[int, ...]  # four blocks, three downsamples: the real 8x spatial scale
     text_width: int  # CLIP-L, BERT and ChatGLM stand-ins
     wide_text_width: int  # CLIP-G and T5 stand-ins, wider like the real ones
-    text_layers: int  # two, so "penultimate hidden state" differs from the last one
+    text_layers: int  # at least two, so the "penultimate hidden state" several pipelines use is not the last
     dit_width: int  # SD3 / Hunyuan-DiT transformer width
     dit_layers: int  # even, so Hunyuan-DiT's long skip connections are exercised
     sample_size: int  # default latent size: an unset height stays cheap on a twin
@@ -106,7 +110,7 @@ SIZES = {
     ),
 }
 
-# One module head per 16 channels; UNet configs spell the head count "attention_head_dim" (legacy naming).
+# One attention head per 16 channels; UNet configs spell the head count "attention_head_dim" (legacy naming).
 CHANNELS_PER_HEAD = 16
 
 
@@ -183,8 +187,8 @@ def _clip_tokenizer(folder: Path, pad_token: str = "<|endoftext|>"):
     return CLIPTokenizer.from_pretrained(folder, model_max_length=77, pad_token=pad_token)
 
 
-def _sentencepiece_model(**trainer_options) -> bytes:
-    """Trains a unigram SentencePiece model on CAPTIONS and returns its serialised bytes."""
+def _sentencepiece_model(model_type: str, **trainer_options) -> bytes:
+    """Trains a SentencePiece model on CAPTIONS and returns its serialised bytes."""
     import io
 
     import sentencepiece
@@ -193,8 +197,8 @@ def _sentencepiece_model(**trainer_options) -> bytes:
     sentencepiece.SentencePieceTrainer.train(
         sentence_iterator=iter(CAPTIONS),
         model_writer=model,
-        model_type="unigram",  # T5, mT5 and ChatGLM all ship unigram models
-        vocab_size=400,
+        model_type=model_type,
+        vocab_size=600,
         hard_vocab_limit=False,  # the corpus is small: take as many pieces as it supports
         character_coverage=1.0,  # keep every Chinese character
         num_threads=1,
@@ -205,11 +209,15 @@ def _sentencepiece_model(**trainer_options) -> bytes:
 
 
 def _t5_tokenizer(folder: Path, model_max_length: int):
-    """Trains a T5/mT5-style SentencePiece tokenizer (pad 0, eos 1, unk 2, no BOS)."""
+    """Trains a T5/mT5-style unigram SentencePiece tokenizer (pad 0, eos 1, unk 2, no BOS).
+
+    On a corpus this small the unigram trainer keeps few whole words ("photo" becomes "▁p ho t o"),
+    unlike BPE; T5 and mT5 are unigram models, so the twin stays one.
+    """
     from transformers import T5Tokenizer
 
     folder.mkdir(parents=True, exist_ok=True)
-    (folder / "spiece.model").write_bytes(_sentencepiece_model(pad_id=0, eos_id=1, unk_id=2, bos_id=-1))
+    (folder / "spiece.model").write_bytes(_sentencepiece_model("unigram", pad_id=0, eos_id=1, unk_id=2, bos_id=-1))
     # No <extra_id_*> sentinels: they only matter for span-corruption training.
     return T5Tokenizer.from_pretrained(folder, extra_ids=0, model_max_length=model_max_length)
 
@@ -234,12 +242,12 @@ def _bert_tokenizer(folder: Path):
 
 
 def _chatglm_tokenizer(folder: Path):
-    """Trains a ChatGLM-style SentencePiece model (unk 0, bos 1, eos 2) for Kolors' ChatGLMTokenizer."""
+    """Trains a ChatGLM3-style SentencePiece model (BPE, byte fallback, unk/bos/eos 0/1/2) for ChatGLMTokenizer."""
     from diffusers.pipelines.kolors import ChatGLMTokenizer
 
     folder.mkdir(parents=True, exist_ok=True)
     model_file = folder / "tokenizer.model"
-    model_file.write_bytes(_sentencepiece_model(unk_id=0, bos_id=1, eos_id=2, pad_id=-1))
+    model_file.write_bytes(_sentencepiece_model("bpe", byte_fallback=True, unk_id=0, bos_id=1, eos_id=2, pad_id=-1))
     # ChatGLMTokenizer reads its file argument itself (unlike transformers 5 tokenizers), and again on save.
     return ChatGLMTokenizer(vocab_file=str(model_file))
 
@@ -317,7 +325,7 @@ def _sdxl_unet(size: TwinSize, cross_attention_dim: int, pooled_dim: int, **fami
         layers_per_block=size.layers_per_block,
         transformer_layers_per_block=(1, 1, 2),  # deeper at the bottom, like the real (1, 2, 10)
         attention_head_dim=tuple(c // CHANNELS_PER_HEAD for c in channels),
-        use_linear_projection=True,
+        use_linear_projection=True,  # SDXL's transformers project with linear layers, SD1.5's with 1x1 convs
         cross_attention_dim=cross_attention_dim,
         addition_embed_type="text_time",
         addition_time_embed_dim=time_embed_dim,
@@ -368,7 +376,7 @@ def _build_sd15(size: TwinSize, seed: int, scratch: Path):
         tokenizer=tokenizer,
         unet=unet,
         scheduler=scheduler,
-        safety_checker=None,  # synth never runs the NSFW classifier; it would dwarf the twin
+        safety_checker=None,  # its CLIP vision model would dwarf the twin and has no offline stand-in
         feature_extractor=None,
         requires_safety_checker=False,
     )
@@ -476,7 +484,7 @@ def _chatglm_encoder(tokenizer, size: TwinSize):
     config = ChatGLMConfig(
         num_layers=size.text_layers,
         # SentencePiece pieces + ChatGLM's nine special tokens, rounded up to 64 like the real 65024.
-        padded_vocab_size=-(-(tokenizer.vocab_size) // 64) * 64,
+        padded_vocab_size=math.ceil(tokenizer.vocab_size / 64) * 64,
         hidden_size=size.text_width,
         ffn_hidden_size=size.text_width * 2,
         kv_channels=CHANNELS_PER_HEAD,
@@ -567,7 +575,8 @@ def _build_hunyuan_dit(size: TwinSize, seed: int, scratch: Path):
         use_style_cond_and_image_meta_size=True,  # v1.0/v1.1 layout, the diffusers default
     )
     _seed(seed, "vae")
-    vae = _vae(size, latent_channels=4, scaling_factor=0.13025)  # Hunyuan-DiT uses the SDXL VAE
+    # Hunyuan-DiT uses the SDXL VAE in its fp16-fix variant, which needs no float32 upcast.
+    vae = _vae(size, latent_channels=4, scaling_factor=0.13025, force_upcast=False)
     # Tencent-Hunyuan/HunyuanDiT-Diffusers scheduler: DDPM over 1000 steps, scaled_linear 0.00085-0.03,
     # v-prediction, "leading" spacing with offset 1.
     scheduler = DDPMScheduler(
@@ -660,3 +669,125 @@ def ensure_twin(family: str, out_dir: str | Path, preset: str = "tiny") -> Path:
     finally:
         shutil.rmtree(scratch, ignore_errors=True)  # nothing left to remove after a successful rename
     return out_dir
+
+
+# --- single-file checkpoints ------------------------------------------------------------------
+# The inverse of diffusers' loaders/single_file_utils.py (convert_ldm_unet_checkpoint,
+# convert_ldm_vae_checkpoint, convert_ldm_clip_checkpoint) for SD1.x, written name by name.
+
+# Diffusers -> original (CompVis/LDM) names.
+UNET_TOP_LEVEL_TO_LDM = {
+    "conv_in": "input_blocks.0.0",
+    "time_embedding.linear_1": "time_embed.0",
+    "time_embedding.linear_2": "time_embed.2",
+    "conv_norm_out": "out.0",
+    "conv_out": "out.2",
+}
+UNET_RESNET_TO_LDM = {
+    "norm1": "in_layers.0",
+    "conv1": "in_layers.2",
+    "time_emb_proj": "emb_layers.1",
+    "norm2": "out_layers.0",
+    "conv2": "out_layers.3",
+    "conv_shortcut": "skip_connection",
+}
+VAE_ATTENTION_TO_LDM = {"group_norm": "norm", "to_q": "q", "to_k": "k", "to_v": "v", "to_out.0": "proj_out"}
+
+
+def _unet_key_to_ldm(key: str, layers_per_block: int, up_blocks_with_attention: set[int]) -> str:
+    """Maps one diffusers SD1.x UNet key to its LDM name (without the model.diffusion_model. prefix)."""
+    for name, ldm_name in UNET_TOP_LEVEL_TO_LDM.items():
+        if key.startswith(name + "."):
+            return ldm_name + key[len(name) :]
+    parts = key.split(".")
+    kind = parts[1] if parts[0] == "mid_block" else parts[2]  # resnets, attentions, downsamplers or upsamplers
+    if parts[0] == "down_blocks":
+        # LDM numbers input blocks flat: conv_in, then each block's layers followed by its downsampler.
+        first = 1 + int(parts[1]) * (layers_per_block + 1)
+        if kind == "downsamplers":
+            return f"input_blocks.{first + layers_per_block}.0.op." + ".".join(parts[5:])
+        prefix = f"input_blocks.{first + int(parts[3])}.{0 if kind == 'resnets' else 1}"
+        rest = parts[4:]
+    elif parts[0] == "mid_block":
+        # middle_block is resnet, attention, resnet.
+        prefix = "middle_block.1" if kind == "attentions" else f"middle_block.{2 * int(parts[2])}"
+        rest = parts[3:]
+    elif parts[0] == "up_blocks":
+        # Output blocks have one layer more per block; the upsampler sits in the block's last layer,
+        # after its resnet and, where the block has one, its attention.
+        first = int(parts[1]) * (layers_per_block + 1)
+        if kind == "upsamplers":
+            slot = 2 if int(parts[1]) in up_blocks_with_attention else 1
+            return f"output_blocks.{first + layers_per_block}.{slot}." + ".".join(parts[4:])
+        prefix = f"output_blocks.{first + int(parts[3])}.{0 if kind == 'resnets' else 1}"
+        rest = parts[4:]
+    else:
+        raise ValueError(f"no LDM name for UNet key {key!r}")
+    if kind == "resnets":
+        rest = [UNET_RESNET_TO_LDM.get(rest[0], rest[0]), *rest[1:]]
+    return ".".join([prefix, *rest])
+
+
+def _vae_key_to_ldm(key: str, num_blocks: int) -> str:
+    """Maps one diffusers AutoencoderKL key to its LDM name (without the first_stage_model. prefix)."""
+    parts = key.split(".")
+    coder = parts[0]
+    if coder in ("quant_conv", "post_quant_conv") or parts[1] in ("conv_in", "conv_out"):
+        return key
+    if parts[1] == "conv_norm_out":
+        return f"{coder}.norm_out.{parts[2]}"
+    if parts[1] in ("down_blocks", "up_blocks"):
+        block = int(parts[2])
+        if coder == "decoder":
+            block = num_blocks - 1 - block  # LDM numbers decoder blocks from the lowest resolution up
+        stage = "down" if coder == "encoder" else "up"
+        if parts[3] == "resnets":
+            name = "nin_shortcut" if parts[5] == "conv_shortcut" else parts[5]
+            return f"{coder}.{stage}.{block}.block.{parts[4]}.{name}.{parts[6]}"
+        return f"{coder}.{stage}.{block}.{stage}sample.{'.'.join(parts[5:])}"
+    if parts[1] == "mid_block" and parts[2] == "resnets":
+        name = "nin_shortcut" if parts[4] == "conv_shortcut" else parts[4]
+        return f"{coder}.mid.block_{int(parts[3]) + 1}.{name}.{parts[5]}"
+    if parts[1] == "mid_block" and parts[2] == "attentions":
+        name = ".".join(parts[4:-1])
+        return f"{coder}.mid.attn_1.{VAE_ATTENTION_TO_LDM[name]}.{parts[-1]}"
+    raise ValueError(f"no LDM name for VAE key {key!r}")
+
+
+def save_single_file_sd15(twin_dir: str | Path, out_file: str | Path) -> Path:
+    """Writes an SD1.x twin as one civitai-style .safetensors checkpoint in the original LDM key layout.
+
+    ``StableDiffusionPipeline.from_single_file(out_file, config=str(twin_dir))`` loads it offline and
+    gives the same pixels as ``from_pretrained(twin_dir)``.
+
+    Args:
+        twin_dir: An sd15 twin folder (see ensure_twin).
+        out_file: The .safetensors file to write.
+
+    Returns:
+        ``out_file`` as a Path.
+    """
+    from diffusers import StableDiffusionPipeline
+    from safetensors.torch import save_file
+
+    pipeline = StableDiffusionPipeline.from_pretrained(twin_dir, safety_checker=None)
+    unet_config, vae_config = pipeline.unet.config, pipeline.vae.config
+    up_blocks_with_attention = {i for i, kind in enumerate(unet_config.up_block_types) if "CrossAttn" in kind}
+
+    checkpoint = {}
+    for key, tensor in pipeline.unet.state_dict().items():
+        ldm_key = _unet_key_to_ldm(key, unet_config.layers_per_block, up_blocks_with_attention)
+        checkpoint["model.diffusion_model." + ldm_key] = tensor
+    for key, tensor in pipeline.vae.state_dict().items():
+        ldm_key = _vae_key_to_ldm(key, len(vae_config.block_out_channels))
+        if ".mid.attn_1." in ldm_key and ldm_key.endswith("weight") and tensor.ndim == 2:
+            tensor = tensor[:, :, None, None]  # LDM's VAE attention uses 1x1 convolutions
+        checkpoint["first_stage_model." + ldm_key] = tensor
+    for key, tensor in pipeline.text_encoder.state_dict().items():
+        # transformers >= 5.6 flattened CLIPTextModel; the checkpoint keeps the text_model. level.
+        checkpoint["cond_stage_model.transformer.text_model." + key.removeprefix("text_model.")] = tensor
+
+    out_file = Path(out_file)
+    out_file.parent.mkdir(parents=True, exist_ok=True)
+    save_file({key: tensor.contiguous() for key, tensor in checkpoint.items()}, out_file, metadata={"format": "pt"})
+    return out_file
