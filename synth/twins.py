@@ -11,61 +11,29 @@ so common words ("a", "photo", "dog") are real tokens of the CLIP, BERT and
 ChatGLM vocabularies rather than byte or character fallbacks.
 """
 
-import json
 import math
 import os
 import shutil
-import string
 import tempfile
 import zlib
-from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
+from synth.single_file import save_single_file_sd15  # noqa: F401  (part of this module's API)
+from synth.twin_tokenizers import (  # noqa: F401  (CAPTIONS and the trainers are used by other twin builders)
+    CAPTIONS,
+    _bert_tokenizer,
+    _chatglm_tokenizer,
+    _clip_tokenizer,
+    _sentencepiece_model,
+    _t5_tokenizer,
+)
+
 FAMILIES = ("sd15", "sdxl", "sd3", "kolors", "hunyuan_dit")
 PRESETS = ("tiny", "small")
 
-# English and Chinese captions; every tokenizer is trained on these.
-CAPTIONS = (
-    "a photo of a dog",
-    "a photo of a cat",
-    "a red car parked on a street",
-    "a cat sitting on a windowsill",
-    "a painting of a mountain lake at sunset",
-    "a portrait of an old man with a beard",
-    "a bowl of fruit on a wooden table",
-    "a city street at night in the rain",
-    "an astronaut riding a horse on the moon",
-    "a watercolor painting of a small village",
-    "a close up photo of a yellow flower",
-    "a blue house next to a green tree",
-    "a woman reading a book in a quiet library",
-    "two children playing in the snow",
-    "a bird flying over the ocean",
-    "a plate of food with rice and vegetables",
-    "a cup of coffee on a white background",
-    "a forest path in autumn with orange leaves",
-    "a black and white photo of an old train station",
-    "a futuristic city with tall buildings, digital art",
-    "a cute robot, 3d render, high quality",
-    "a landscape with a river, mountains and clouds",
-    "a quick brown fox jumps over the lazy dog",  # every letter, so no English word falls back to <unk>
-    "a poster with the numbers 0 1 2 3 4 5 6 7 8 9",
-    "一只猫坐在窗台上",
-    "一只狗在草地上奔跑",
-    "一辆红色的汽车停在街道上",
-    "山间的湖泊与日落",
-    "一位老人的肖像",
-    "桌子上有一碗水果",
-    "雨夜中的城市街道",
-    "宇航员在月球上骑马",
-    "一朵黄色的花的特写照片",
-    "秋天的森林小路",
-    "一杯咖啡，白色背景",
-    "中国山水画，高质量",
-)
 
 
 @dataclass(frozen=True)
@@ -127,129 +95,6 @@ def _seed(seed: int, component: str) -> None:
     torch.manual_seed(zlib.crc32(f"{seed}/{component}".encode()))
 
 
-# --- tokenizers -------------------------------------------------------------------------------
-
-
-def _learn_bpe_merges(words: Counter, num_merges: int) -> list[tuple[str, str]]:
-    """Learns byte-pair merges by repeatedly joining the most frequent adjacent pair (Sennrich et al., 2016)."""
-    merges = []
-    for _ in range(num_merges):
-        pairs = Counter()
-        for symbols, count in words.items():
-            for pair in zip(symbols, symbols[1:]):
-                pairs[pair] += count
-        if not pairs:
-            break
-        # Ties go to the alphabetically first pair, so every build gets the same vocabulary.
-        best = min(pairs, key=lambda pair: (-pairs[pair], pair))
-        merges.append(best)
-        merged = Counter()
-        for symbols, count in words.items():
-            out, i = [], 0
-            while i < len(symbols):
-                if symbols[i : i + 2] == best:
-                    out.append(best[0] + best[1])
-                    i += 2
-                else:
-                    out.append(symbols[i])
-                    i += 1
-            merged[tuple(out)] += count
-        words = merged
-    return merges
-
-
-def _clip_tokenizer(folder: Path, pad_token: str = "<|endoftext|>"):
-    """Trains a byte-level CLIP BPE tokenizer on CAPTIONS, laid out like OpenAI's (bytes, bytes+</w>, merges, specials).
-
-    The merges are learned in plain Python: ``tokenizers``' BpeTrainer breaks ties between equally
-    frequent pairs differently from one process to the next, which would change token ids per build.
-    """
-    from transformers import CLIPTokenizer
-    from transformers.convert_slow_tokenizer import bytes_to_unicode
-
-    # Split words with the exact normaliser and pre-tokeniser CLIPTokenizer uses.
-    backend = CLIPTokenizer().backend_tokenizer
-    words = Counter()
-    for caption in CAPTIONS:
-        for word, _ in backend.pre_tokenizer.pre_tokenize_str(backend.normalizer.normalize_str(caption)):
-            words[tuple(word[:-1]) + (word[-1] + "</w>",)] += 1
-    merges = _learn_bpe_merges(words, num_merges=1000)
-
-    byte_symbols = list(bytes_to_unicode().values())
-    vocab = byte_symbols + [symbol + "</w>" for symbol in byte_symbols]
-    vocab += [first + second for first, second in merges]
-    vocab += ["<|startoftext|>", "<|endoftext|>"]  # last, as in OpenAI's vocabulary, so argmax pooling finds EOS
-
-    folder.mkdir(parents=True, exist_ok=True)
-    (folder / "vocab.json").write_text(json.dumps({token: i for i, token in enumerate(vocab)}, ensure_ascii=False))
-    (folder / "merges.txt").write_text("#version: 0.2\n" + "".join(f"{a} {b}\n" for a, b in merges))
-    # 77 tokens is CLIP's context; the OpenCLIP-G tokenizers of SDXL and SD3 pad with "!".
-    return CLIPTokenizer.from_pretrained(folder, model_max_length=77, pad_token=pad_token)
-
-
-def _sentencepiece_model(model_type: str, **trainer_options) -> bytes:
-    """Trains a SentencePiece model on CAPTIONS and returns its serialised bytes."""
-    import io
-
-    import sentencepiece
-
-    model = io.BytesIO()
-    sentencepiece.SentencePieceTrainer.train(
-        sentence_iterator=iter(CAPTIONS),
-        model_writer=model,
-        model_type=model_type,
-        vocab_size=600,
-        hard_vocab_limit=False,  # the corpus is small: take as many pieces as it supports
-        character_coverage=1.0,  # keep every Chinese character
-        num_threads=1,
-        minloglevel=2,  # quiet
-        **trainer_options,
-    )
-    return model.getvalue()
-
-
-def _t5_tokenizer(folder: Path, model_max_length: int):
-    """Trains a T5/mT5-style unigram SentencePiece tokenizer (pad 0, eos 1, unk 2, no BOS).
-
-    On a corpus this small the unigram trainer keeps few whole words ("photo" becomes "▁p ho t o"),
-    unlike BPE; T5 and mT5 are unigram models, so the twin stays one.
-    """
-    from transformers import T5Tokenizer
-
-    folder.mkdir(parents=True, exist_ok=True)
-    (folder / "spiece.model").write_bytes(_sentencepiece_model("unigram", pad_id=0, eos_id=1, unk_id=2, bos_id=-1))
-    # No <extra_id_*> sentinels: they only matter for span-corruption training.
-    return T5Tokenizer.from_pretrained(folder, extra_ids=0, model_max_length=model_max_length)
-
-
-def _bert_tokenizer(folder: Path):
-    """Writes a WordPiece vocabulary (specials, characters incl. CJK, ##-suffixes, caption words) and loads it."""
-    from transformers import BertTokenizer
-
-    characters = set(string.ascii_lowercase + string.digits + string.punctuation)
-    words = set()
-    for caption in CAPTIONS:
-        characters.update(char for char in caption.lower() if not char.isspace())
-        words.update(word.strip(string.punctuation) for word in caption.lower().split() if word.isascii())
-    suffixes = {"##" + char for char in string.ascii_lowercase + string.digits}
-    vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + sorted(characters) + sorted(suffixes)
-    vocab += sorted(words - characters - {""})
-
-    folder.mkdir(parents=True, exist_ok=True)
-    (folder / "vocab.txt").write_text("".join(token + "\n" for token in vocab))
-    # 512 is BERT's context; Hunyuan-DiT itself pads to 77.
-    return BertTokenizer.from_pretrained(folder, model_max_length=512)
-
-
-def _chatglm_tokenizer(folder: Path):
-    """Trains a ChatGLM3-style SentencePiece model (BPE, byte fallback, unk/bos/eos 0/1/2) for ChatGLMTokenizer."""
-    from diffusers.pipelines.kolors import ChatGLMTokenizer
-
-    folder.mkdir(parents=True, exist_ok=True)
-    model_file = folder / "tokenizer.model"
-    model_file.write_bytes(_sentencepiece_model("bpe", byte_fallback=True, unk_id=0, bos_id=1, eos_id=2, pad_id=-1))
-    # ChatGLMTokenizer reads its file argument itself (unlike transformers 5 tokenizers), and again on save.
-    return ChatGLMTokenizer(vocab_file=str(model_file))
 
 
 # --- shared components ------------------------------------------------------------------------
@@ -669,125 +514,3 @@ def ensure_twin(family: str, out_dir: str | Path, preset: str = "tiny") -> Path:
     finally:
         shutil.rmtree(scratch, ignore_errors=True)  # nothing left to remove after a successful rename
     return out_dir
-
-
-# --- single-file checkpoints ------------------------------------------------------------------
-# The inverse of diffusers' loaders/single_file_utils.py (convert_ldm_unet_checkpoint,
-# convert_ldm_vae_checkpoint, convert_ldm_clip_checkpoint) for SD1.x, written name by name.
-
-# Diffusers -> original (CompVis/LDM) names.
-UNET_TOP_LEVEL_TO_LDM = {
-    "conv_in": "input_blocks.0.0",
-    "time_embedding.linear_1": "time_embed.0",
-    "time_embedding.linear_2": "time_embed.2",
-    "conv_norm_out": "out.0",
-    "conv_out": "out.2",
-}
-UNET_RESNET_TO_LDM = {
-    "norm1": "in_layers.0",
-    "conv1": "in_layers.2",
-    "time_emb_proj": "emb_layers.1",
-    "norm2": "out_layers.0",
-    "conv2": "out_layers.3",
-    "conv_shortcut": "skip_connection",
-}
-VAE_ATTENTION_TO_LDM = {"group_norm": "norm", "to_q": "q", "to_k": "k", "to_v": "v", "to_out.0": "proj_out"}
-
-
-def _unet_key_to_ldm(key: str, layers_per_block: int, up_blocks_with_attention: set[int]) -> str:
-    """Maps one diffusers SD1.x UNet key to its LDM name (without the model.diffusion_model. prefix)."""
-    for name, ldm_name in UNET_TOP_LEVEL_TO_LDM.items():
-        if key.startswith(name + "."):
-            return ldm_name + key[len(name) :]
-    parts = key.split(".")
-    kind = parts[1] if parts[0] == "mid_block" else parts[2]  # resnets, attentions, downsamplers or upsamplers
-    if parts[0] == "down_blocks":
-        # LDM numbers input blocks flat: conv_in, then each block's layers followed by its downsampler.
-        first = 1 + int(parts[1]) * (layers_per_block + 1)
-        if kind == "downsamplers":
-            return f"input_blocks.{first + layers_per_block}.0.op." + ".".join(parts[5:])
-        prefix = f"input_blocks.{first + int(parts[3])}.{0 if kind == 'resnets' else 1}"
-        rest = parts[4:]
-    elif parts[0] == "mid_block":
-        # middle_block is resnet, attention, resnet.
-        prefix = "middle_block.1" if kind == "attentions" else f"middle_block.{2 * int(parts[2])}"
-        rest = parts[3:]
-    elif parts[0] == "up_blocks":
-        # Output blocks have one layer more per block; the upsampler sits in the block's last layer,
-        # after its resnet and, where the block has one, its attention.
-        first = int(parts[1]) * (layers_per_block + 1)
-        if kind == "upsamplers":
-            slot = 2 if int(parts[1]) in up_blocks_with_attention else 1
-            return f"output_blocks.{first + layers_per_block}.{slot}." + ".".join(parts[4:])
-        prefix = f"output_blocks.{first + int(parts[3])}.{0 if kind == 'resnets' else 1}"
-        rest = parts[4:]
-    else:
-        raise ValueError(f"no LDM name for UNet key {key!r}")
-    if kind == "resnets":
-        rest = [UNET_RESNET_TO_LDM.get(rest[0], rest[0]), *rest[1:]]
-    return ".".join([prefix, *rest])
-
-
-def _vae_key_to_ldm(key: str, num_blocks: int) -> str:
-    """Maps one diffusers AutoencoderKL key to its LDM name (without the first_stage_model. prefix)."""
-    parts = key.split(".")
-    coder = parts[0]
-    if coder in ("quant_conv", "post_quant_conv") or parts[1] in ("conv_in", "conv_out"):
-        return key
-    if parts[1] == "conv_norm_out":
-        return f"{coder}.norm_out.{parts[2]}"
-    if parts[1] in ("down_blocks", "up_blocks"):
-        block = int(parts[2])
-        if coder == "decoder":
-            block = num_blocks - 1 - block  # LDM numbers decoder blocks from the lowest resolution up
-        stage = "down" if coder == "encoder" else "up"
-        if parts[3] == "resnets":
-            name = "nin_shortcut" if parts[5] == "conv_shortcut" else parts[5]
-            return f"{coder}.{stage}.{block}.block.{parts[4]}.{name}.{parts[6]}"
-        return f"{coder}.{stage}.{block}.{stage}sample.{'.'.join(parts[5:])}"
-    if parts[1] == "mid_block" and parts[2] == "resnets":
-        name = "nin_shortcut" if parts[4] == "conv_shortcut" else parts[4]
-        return f"{coder}.mid.block_{int(parts[3]) + 1}.{name}.{parts[5]}"
-    if parts[1] == "mid_block" and parts[2] == "attentions":
-        name = ".".join(parts[4:-1])
-        return f"{coder}.mid.attn_1.{VAE_ATTENTION_TO_LDM[name]}.{parts[-1]}"
-    raise ValueError(f"no LDM name for VAE key {key!r}")
-
-
-def save_single_file_sd15(twin_dir: str | Path, out_file: str | Path) -> Path:
-    """Writes an SD1.x twin as one civitai-style .safetensors checkpoint in the original LDM key layout.
-
-    ``StableDiffusionPipeline.from_single_file(out_file, config=str(twin_dir))`` loads it offline and
-    gives the same pixels as ``from_pretrained(twin_dir)``.
-
-    Args:
-        twin_dir: An sd15 twin folder (see ensure_twin).
-        out_file: The .safetensors file to write.
-
-    Returns:
-        ``out_file`` as a Path.
-    """
-    from diffusers import StableDiffusionPipeline
-    from safetensors.torch import save_file
-
-    pipeline = StableDiffusionPipeline.from_pretrained(twin_dir, safety_checker=None)
-    unet_config, vae_config = pipeline.unet.config, pipeline.vae.config
-    up_blocks_with_attention = {i for i, kind in enumerate(unet_config.up_block_types) if "CrossAttn" in kind}
-
-    checkpoint = {}
-    for key, tensor in pipeline.unet.state_dict().items():
-        ldm_key = _unet_key_to_ldm(key, unet_config.layers_per_block, up_blocks_with_attention)
-        checkpoint["model.diffusion_model." + ldm_key] = tensor
-    for key, tensor in pipeline.vae.state_dict().items():
-        ldm_key = _vae_key_to_ldm(key, len(vae_config.block_out_channels))
-        if ".mid.attn_1." in ldm_key and ldm_key.endswith("weight") and tensor.ndim == 2:
-            tensor = tensor[:, :, None, None]  # LDM's VAE attention uses 1x1 convolutions
-        checkpoint["first_stage_model." + ldm_key] = tensor
-    for key, tensor in pipeline.text_encoder.state_dict().items():
-        # transformers >= 5.6 flattened CLIPTextModel; the checkpoint keeps the text_model. level.
-        checkpoint["cond_stage_model.transformer.text_model." + key.removeprefix("text_model.")] = tensor
-
-    out_file = Path(out_file)
-    out_file.parent.mkdir(parents=True, exist_ok=True)
-    save_file({key: tensor.contiguous() for key, tensor in checkpoint.items()}, out_file, metadata={"format": "pt"})
-    return out_file
