@@ -1,0 +1,79 @@
+"""Multiruns: one pipeline load per sweep, a contact sheet laid out by the swept values, failed jobs, launchers."""
+
+import os
+
+import numpy as np
+import pytest
+from conftest import run_cli
+from PIL import Image
+
+from synth.entry import pin_gpu
+from synth.sweep import Job, layout, swept_axes
+
+
+def multirun(tmp_path, *args):
+    return run_cli("infer.py", "-m", "model=tiny_sd15", *args, f"hydra.sweep.dir={tmp_path}/sweep", cwd=tmp_path)
+
+
+def test_seed_grid_loads_once_and_writes_a_sheet(tmp_path):
+    result = multirun(tmp_path, "seed=0,1,2,3")
+    assert result.returncode == 0, result.stderr
+    images = sorted((tmp_path / "sweep").glob("*/*.png"))
+    assert [p.parent.name for p in images] == ["0", "1", "2", "3"]
+    assert result.stderr.count("loading sd15 pipeline") == 1, "the sweep reuses one pipeline"
+    sheet = Image.open(tmp_path / "sweep" / "contact_sheet.png")
+    assert sheet.size[0] >= 2 * 256 and sheet.size[1] >= 2 * 256  # 4 jobs -> 2 x 2 cells of 256 px
+    # The sheet really holds the images: the first cell is job 0's image, enlarged.
+    cell = np.asarray(sheet.convert("RGB").crop((0, 0, 256, 256)).resize((64, 64), Image.BOX), dtype=float)
+    first = np.asarray(Image.open(images[0]).convert("RGB"), dtype=float)
+    others = np.asarray(Image.open(images[1]).convert("RGB"), dtype=float)
+    assert np.abs(cell - first).mean() < 2 < np.abs(cell - others).mean()
+
+
+def test_two_axes_become_rows_and_columns():
+    axes = swept_axes(["model=tiny_sd15", "seed=0,1", "guidance_scale=1.5,7"])
+    assert axes == [("seed", ["0", "1"]), ("guidance_scale", ["1.5", "7"])]
+    jobs = [Job(f"/j{i}", {"seed": s, "guidance_scale": g}) for i, (s, g) in enumerate([("0", "1.5"), ("0", "7"), ("1", "1.5"), ("1", "7")])]
+    rows, cols, cells = layout(axes, jobs)
+    assert rows == ["seed=0", "seed=1"] and cols == ["guidance_scale=1.5", "guidance_scale=7"]
+    assert cells[(1, 0)].values == {"seed": "1", "guidance_scale": "1.5"}
+    assert cells[(0, 1)].values == {"seed": "0", "guidance_scale": "7"}
+
+
+def test_failed_job_leaves_a_labelled_cell_and_the_rest_runs(tmp_path):
+    result = multirun(tmp_path, "seed=0,1", "size=64,60")
+    assert result.returncode == 1
+    assert "2 of 4 jobs failed" in result.stderr and "width 60 is not a multiple of 8" in result.stderr
+    assert len(list((tmp_path / "sweep").glob("*/*.png"))) == 2
+    assert len(list((tmp_path / "sweep").glob("*/failed.txt"))) == 2
+    sheet = np.asarray(Image.open(tmp_path / "sweep" / "contact_sheet.png").convert("RGB"))
+    assert ((sheet == (225, 225, 225)).all(axis=-1)).sum() > 256 * 100, "grey empty cells for the failed jobs"
+
+
+def test_submitit_local_launcher(tmp_path):
+    result = multirun(tmp_path, "seed=0,1", "hydra/launcher=submitit_local", "hydra.launcher.timeout_min=5")
+    assert result.returncode == 0, result.stderr
+    assert len(list((tmp_path / "sweep").glob("*/*.png"))) == 2
+    assert (tmp_path / "sweep" / "contact_sheet.png").exists()
+
+
+def test_joblib_workers_each_pin_their_own_gpu(tmp_path, monkeypatch):
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+    claimed = []
+    for _ in range(3):  # three worker processes, simulated one after another
+        monkeypatch.delenv("SYNTH_PINNED_GPU", raising=False)
+        monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+        claimed.append(pin_gpu(tmp_path, gpu_count=2))
+    assert claimed == [0, 1, 0]
+    assert os.environ["CUDA_VISIBLE_DEVICES"] == "0"
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES")
+    assert pin_gpu(tmp_path, gpu_count=2) == 0, "a worker keeps its GPU for later jobs"
+    monkeypatch.delenv("SYNTH_PINNED_GPU")
+    assert pin_gpu(tmp_path / "other", gpu_count=1) is None
+
+
+@pytest.mark.slow
+def test_joblib_launcher_runs_jobs_in_parallel_workers(tmp_path):
+    result = multirun(tmp_path, "seed=0,1", "hydra/launcher=joblib", "hydra.launcher.n_jobs=2")
+    assert result.returncode == 0, result.stderr
+    assert len(list((tmp_path / "sweep").glob("*/*.png"))) == 2
