@@ -142,6 +142,12 @@ class ContactSheet(Callback):
         print(path, flush=True)
         failed = [job for job in jobs if job.error is not None]
         log.info("contact sheet of %d jobs: %s", len(jobs), path)
+        from synth.wandb_log import log_table, wants_wandb
+
+        if wants_wandb(config):
+            keys = [key for key, _ in axes]
+            rows = [[job.images, *[job.values.get(key) for key in keys], job.error or ""] for job in jobs]
+            log_table(config, sweep_dir, [*keys, "error"], rows, extra={"infer/contact_sheet": path})
         if failed:  # the sheet is written; the exit code still tells scripts that the sweep was not clean
             labels = "; ".join(f"{job.label([k for k, _ in axes])}: {job.error}" for job in failed)
             print(f"error: {len(failed)} of {len(jobs)} jobs failed: {labels}", file=sys.stderr)

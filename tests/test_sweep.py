@@ -77,3 +77,23 @@ def test_joblib_launcher_runs_jobs_in_parallel_workers(tmp_path):
     result = multirun(tmp_path, "seed=0,1", "hydra/launcher=joblib", "hydra.launcher.n_jobs=2")
     assert result.returncode == 0, result.stderr
     assert len(list((tmp_path / "sweep").glob("*/*.png"))) == 2
+
+
+def wandb_files(folder):
+    [run] = list(folder.glob("wandb/offline-run-*"))
+    return run, sorted(p.name for p in (run / "files" / "media").rglob("*") if p.is_file())
+
+
+def test_wandb_logs_a_run_and_a_sweep_offline(tmp_path, monkeypatch):
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    single = run_cli("infer.py", "model=tiny_sd15", "logger=wandb", "num_images=2", f"hydra.run.dir={tmp_path}/one", cwd=tmp_path)
+    assert single.returncode == 0, single.stderr
+    run, media = wandb_files(tmp_path / "one")
+    assert sum(name.startswith("infer/gallery") or "gallery" in name for name in media) == 2, media
+    table = next((run / "files" / "media" / "table").rglob("*.table.json")).read_text()
+    assert '"seed","size","steps"' in table.replace(" ", "") and "64x64" in table
+
+    sweep = multirun(tmp_path, "seed=0,1", "logger=wandb")
+    assert sweep.returncode == 0, sweep.stderr
+    run, media = wandb_files(tmp_path / "sweep")  # one run for the whole sweep, not one per job
+    assert any("contact_sheet" in name for name in media) and sum("gallery" in name for name in media) == 2
