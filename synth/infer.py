@@ -72,4 +72,19 @@ def infer(cfg: DictConfig) -> list[Path]:
         path = save_png(image, out_dir, f"{index:03d}-seed{seed}", text)
         print(path, flush=True)
         written.append(path)
+
+    # 6. logger=wandb: the run's images and settings as a table (a multirun logs once, from its contact sheet).
+    from synth.wandb_log import log_table, wants_wandb
+
+    if wants_wandb(cfg) and not in_multirun():
+        rows = [[[path], str(cfg.prompt), cfg.seed + index, f"{width}x{height}", steps, guidance, cfg.scheduler.name]
+                for index, path in enumerate(written)]
+        log_table(cfg, out_dir, ["prompt", "seed", "size", "steps", "guidance_scale", "scheduler"], rows)
     return written
+
+
+def in_multirun() -> bool:
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    return HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN
