@@ -12,6 +12,7 @@ from pathlib import Path
 from omegaconf import DictConfig, OmegaConf
 
 from synth.families import get_family
+from synth.loras import check_lora_inputs
 
 CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
 MAX_SIDE = 16384  # beyond this even tiled sampling needs more than one GPU's host memory
@@ -170,8 +171,15 @@ def check_inputs(cfg: DictConfig) -> tuple[int, int]:
                 f"denoise_strength={strength} with num_inference_steps={steps} runs no step "
                 "(image-to-image runs about steps * strength steps); raise either"
             )
+    from synth.highres import check_highres  # here, not at the top: synth.highres imports this module
+
+    check_highres(cfg, width, height)  # highres group: tiles, stages, strengths
     check_model_path(model)
     check_offline(model)
+    check_lora_inputs(cfg.get("lora"), family.name)
+    from synth.prompter import check_prompt_inputs  # here, not at the top: synth.prompter imports this module
+
+    check_prompt_inputs(cfg)  # prompter group and textual_inversion
     return width, height
 
 

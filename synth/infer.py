@@ -25,7 +25,7 @@ def infer(cfg: DictConfig) -> list[Path]:
     import torch
     from PIL import Image
 
-    from synth import pipelines
+    from synth import highres, pipelines
     from synth.families import get_family
     from synth.images import CONFIG_KEY, PARAMETERS_KEY, a1111_parameters, save_png
 
@@ -37,10 +37,14 @@ def infer(cfg: DictConfig) -> list[Path]:
     pipe = pipelines.for_task(pipelines.get_pipeline(cfg, device, dtype), family.name, task)
     pipe.set_progress_bar_config(desc=f"{family.name} {task}", leave=False)
 
-    # 3. Prepare the call: image-to-image takes the init image at the requested size.
+    # 3. Prepare the call: the prompter's prompt (translated, refined) encoded once for the run (CLIP families:
+    # embeddings, long prompts in 77-token chunks); image-to-image takes the init image at the requested size.
+    from synth.prompt_encoding import prompt_kwargs
+    from synth.prompter import process_prompt, record_prompt
+
+    prompt = process_prompt(str(cfg.prompt), cfg.prompter, cfg.seed, device, dtype)
     call = {
-        "prompt": str(cfg.prompt),
-        "negative_prompt": str(cfg.negative_prompt) if cfg.negative_prompt else None,
+        **prompt_kwargs(pipe, family.name, prompt, str(cfg.negative_prompt or ""), float(guidance), model),
         "num_inference_steps": steps,
         "guidance_scale": float(guidance),
         **family.call_kwargs(model, task, width, height),
@@ -60,15 +64,23 @@ def infer(cfg: DictConfig) -> list[Path]:
         image_cfg = cfg.copy()
         with open_dict(image_cfg):
             image_cfg.seed, image_cfg.num_images = seed, 1
+        record_prompt(image_cfg, str(cfg.prompt), prompt)  # replay uses the processed prompt, prompter off
         start = time.perf_counter()
-        image = pipe(**call, generator=torch.Generator("cpu").manual_seed(seed)).images[0]
-        log.info("image %d/%d (seed %d) in %.2f s", index + 1, cfg.num_images, seed, time.perf_counter() - start)
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)
+        # Above the native size: staged upscale + refine on tiles (synth/highres.py); else one pipeline call.
+        image, _ = highres.generate(pipe, call, cfg, width, height, seed, out_dir, f"{index:03d}-seed{seed}")
+        peak = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
+        log.info("image %d/%d (seed %d) in %.2f s%s", index + 1, cfg.num_images, seed, time.perf_counter() - start,
+                 f", peak CUDA memory {peak:.2f} GiB" if peak is not None else "")
 
         # 5. Write the PNG with its prompt, settings and the config that regenerates exactly this image.
         text = {
             PARAMETERS_KEY: a1111_parameters(image_cfg, width, height, steps, guidance),
             CONFIG_KEY: OmegaConf.to_yaml(image_cfg, resolve=True),
         }
+        if peak is not None:
+            text["synth-peak-cuda-memory"] = f"{peak:.3f} GiB"
         path = save_png(image, out_dir, f"{index:03d}-seed{seed}", text)
         print(path, flush=True)
         written.append(path)

@@ -11,6 +11,8 @@ from omegaconf import DictConfig, OmegaConf
 
 from synth.config import is_single_file, offline_error
 from synth.families import get_family
+from synth.loras import load_loras, lora_key
+from synth.textual_inversion import add_embeddings, embeddings_key, read_embeddings
 
 log = logging.getLogger(__name__)
 
@@ -76,8 +78,11 @@ def load_pipeline(model_cfg: DictConfig, device: torch.device, dtype: torch.dtyp
 
 
 def pipeline_key(cfg: DictConfig, device: torch.device, dtype: torch.dtype) -> str:
-    """What must match for a built pipeline to be reused: the model config, device and dtype."""
-    return OmegaConf.to_yaml(cfg.model, resolve=True) + f"{device}|{dtype}"
+    """What must match for a built pipeline to be reused: the model config, device, dtype and LoRAs."""
+    return (
+        OmegaConf.to_yaml(cfg.model, resolve=True) + f"{device}|{dtype}|{lora_key(cfg.get('lora'))}"
+        + f"|{embeddings_key(cfg)}"  # textual inversion adds tokens to the tokenizers and encoders
+    )
 
 
 def get_pipeline(cfg: DictConfig, device: torch.device, dtype: torch.dtype):
@@ -85,7 +90,11 @@ def get_pipeline(cfg: DictConfig, device: torch.device, dtype: torch.dtype):
     key = pipeline_key(cfg, device, dtype)
     if _cache["key"] != key:
         _cache["key"], _cache["pipe"] = None, None  # drop the old pipeline before loading the next
-        _cache["pipe"], _cache["key"] = load_pipeline(cfg.model, device, dtype), key
+        embeddings = read_embeddings(cfg)  # read safely and parsed before any weights load
+        pipe = load_pipeline(cfg.model, device, dtype)
+        load_loras(pipe, get_family(cfg.model.family), cfg.get("lora"))  # into text-to-image: from_pipe shares them
+        add_embeddings(pipe, cfg.model.family, embeddings)
+        _cache["pipe"], _cache["key"] = pipe, key
         _cache["base_scheduler"] = _cache["pipe"].scheduler
     pipe = _cache["pipe"]
     pipe.scheduler = make_scheduler(cfg, _cache["base_scheduler"])

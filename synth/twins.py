@@ -497,20 +497,29 @@ def ensure_twin(family: str, out_dir: str | Path, preset: str = "tiny") -> Path:
         ``out_dir`` as a Path.
     """
     _check_choice(family, preset)
+    return build_in_place(out_dir, "model_index.json", lambda scratch: build_twin(family, scratch, preset))
+
+
+def build_in_place(out_dir: str | Path, marker: str, build) -> Path:
+    """out_dir, after build(folder) has filled it, unless out_dir/marker already exists.
+
+    build writes into a temporary sibling folder that is then renamed into place, so readers never see a
+    half-written folder; when two processes race, the loser discards its (identical) copy.
+    """
     out_dir = Path(out_dir)
-    if (out_dir / "model_index.json").exists():
+    if (out_dir / marker).exists():
         return out_dir
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     scratch = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
     try:
-        build_twin(family, scratch, preset)
+        build(scratch)
         scratch.chmod(0o755)  # mkdtemp makes the folder private; a shared cache should not be
         try:
             os.rename(scratch, out_dir)
         except OSError as error:
-            # Renaming onto a non-empty folder fails: another process finished first, and its copy is identical.
-            if not (out_dir / "model_index.json").exists():
-                raise FileExistsError(f"{out_dir} exists but holds no model_index.json; delete it and retry") from error
+            # Renaming onto a non-empty folder fails: another process finished first.
+            if not (out_dir / marker).exists():
+                raise FileExistsError(f"{out_dir} exists but holds no {marker}; delete it and retry") from error
     finally:
         shutil.rmtree(scratch, ignore_errors=True)  # nothing left to remove after a successful rename
     return out_dir

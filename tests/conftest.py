@@ -45,3 +45,15 @@ def run_cli(script, *args, cwd):
 @pytest.fixture
 def compose_cfg():
     return compose_infer
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """One torch thread: CPU reductions split over threads can sum in another order from run to run, and tiny
+    models run faster on one thread than on two contended ones. Restored afterwards."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

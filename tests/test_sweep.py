@@ -97,3 +97,28 @@ def test_wandb_logs_a_run_and_a_sweep_offline(tmp_path, monkeypatch):
     assert sweep.returncode == 0, sweep.stderr
     run, media = wandb_files(tmp_path / "sweep")  # one run for the whole sweep, not one per job
     assert any("contact_sheet" in name for name in media) and sum("gallery" in name for name in media) == 2
+
+
+def test_train_multirun_over_lora_rank(tmp_path):
+    from train_utils import FAST, make_dataset
+
+    from synth.loras import read_metadata
+
+    data = make_dataset(tmp_path / "data")
+    fast = [arg for arg in FAST if not arg.startswith(("lora.rank", "lora.alpha"))]
+    result = run_cli(
+        "train.py", "-m", "model=tiny_sd15", f"data.path={data}", *fast, "trainer.max_steps=1", "lora.rank=2,4",
+        f"hydra.sweep.dir={tmp_path}/sweep", cwd=tmp_path,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    ranks = [int(read_metadata(str(tmp_path / "sweep" / job / "lora.safetensors"))["rank"]) for job in ("0", "1")]
+    assert ranks == [2, 4]
+
+
+def test_ckpt_path_auto_resumes_only_when_a_checkpoint_exists(tmp_path):
+    from synth.train.run import resolve_ckpt_path
+
+    assert resolve_ckpt_path("auto", str(tmp_path)) is None  # first start of a cluster job
+    (tmp_path / "checkpoints").mkdir()
+    (tmp_path / "checkpoints" / "last.ckpt").write_bytes(b"")
+    assert resolve_ckpt_path("auto", str(tmp_path)) == str(tmp_path / "checkpoints" / "last.ckpt")  # requeued

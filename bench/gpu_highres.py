@@ -1,0 +1,148 @@
+"""GPU timings of the high-resolution chain: an SDXL-shaped model at real size with random weights, fp16 on CUDA.
+
+    python bench/gpu_highres.py                      # 1024 text-to-image, untiled 2048 (baseline), 2048 and 4096 chains
+    python bench/gpu_highres.py --steps 20 --repeats 1 --sizes 2048
+    python bench/gpu_highres.py --smoke              # the same code on the tiny SDXL twin on CPU (64 -> 256 px), seconds
+
+Each row: median seconds of `--repeats` runs after one warm-up (CUDA synchronised), and peak allocated memory.
+Goals on one H100: 2048 chain <= 8 s, 4096 chain <= 30 s, peak <= 24 GB. No weights are downloaded: the UNet and
+VAE are built from SDXL-base's configs with random weights, and the prompt is given as random embeddings of
+SDXL's shapes (so no text encoder runs, as after the first image of a run). The VAE runs in fp16 without
+diffusers' fp32 upcast (as with an fp16-fixed SDXL VAE).
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+import torch
+from omegaconf import OmegaConf
+
+# stabilityai/stable-diffusion-xl-base-1.0 unet/config.json and vae/config.json (the fields that differ from defaults)
+SDXL_UNET = dict(
+    sample_size=128, in_channels=4, out_channels=4, block_out_channels=(320, 640, 1280),
+    down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+    up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+    transformer_layers_per_block=(1, 2, 10), attention_head_dim=(5, 10, 20), cross_attention_dim=2048,
+    addition_embed_type="text_time", addition_time_embed_dim=256, projection_class_embeddings_input_dim=2816,
+    use_linear_projection=True, layers_per_block=2,
+)
+SDXL_VAE = dict(
+    block_out_channels=(128, 256, 512, 512), in_channels=3, out_channels=3, latent_channels=4, layers_per_block=2,
+    down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
+    scaling_factor=0.13025, sample_size=1024, force_upcast=False,
+)
+
+
+def build_pipeline(device, dtype, smoke: bool):
+    from diffusers import (
+        AutoencoderKL,
+        EulerDiscreteScheduler,
+        StableDiffusionXLPipeline,
+        UNet2DConditionModel,
+    )
+
+    if smoke:
+        from synth import twins
+        from synth.config import cache_dir
+
+        folder = twins.ensure_twin("sdxl", Path(cache_dir()) / "twins" / "v1" / "sdxl-tiny")
+        pipe = StableDiffusionXLPipeline.from_pretrained(folder)
+    else:
+        torch.manual_seed(0)
+        unet = UNet2DConditionModel(**SDXL_UNET)
+        vae = AutoencoderKL(**SDXL_VAE)
+        scheduler = EulerDiscreteScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+                                           timestep_spacing="leading", steps_offset=1)
+        pipe = StableDiffusionXLPipeline(vae=vae, text_encoder=None, text_encoder_2=None, tokenizer=None,
+                                         tokenizer_2=None, unet=unet, scheduler=scheduler)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe.to(device, dtype)
+
+
+def prompt_call(pipe, device, dtype, steps: int, smoke: bool) -> dict:
+    if smoke:
+        return {"prompt": "a lighthouse at dusk", "num_inference_steps": steps, "guidance_scale": 5.0}
+    generator = torch.Generator().manual_seed(1)
+    width = pipe.unet.config.cross_attention_dim
+    embeds = [torch.randn(1, 77, width, generator=generator).to(device, dtype) for _ in range(2)]
+    pooled = [torch.randn(1, 1280, generator=generator).to(device, dtype) for _ in range(2)]
+    return {
+        "prompt_embeds": embeds[0], "negative_prompt_embeds": embeds[1],
+        "pooled_prompt_embeds": pooled[0], "negative_pooled_prompt_embeds": pooled[1],
+        "num_inference_steps": steps, "guidance_scale": 5.0,
+    }
+
+
+def chain_config(native: int, size: int, staged: bool):
+    highres = OmegaConf.load(ROOT / "conf" / "highres" / ("auto.yaml" if staged else "none.yaml"))
+    return OmegaConf.create({
+        "model": {"family": "sdxl", "native_size": native}, "highres": highres,
+        "init_image": None, "denoise_strength": 0.75, "size": size,
+    })
+
+
+def measure(run, device, repeats: int) -> tuple[float, float]:
+    """Median seconds of `repeats` synchronised runs after one warm-up, and the peak memory (GB) over them."""
+    run()
+    seconds = []
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+    for _ in range(repeats):
+        start = time.perf_counter()
+        run()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        seconds.append(time.perf_counter() - start)
+    peak = torch.cuda.max_memory_allocated() / 1e9 if device.type == "cuda" else float("nan")
+    return statistics.median(seconds), peak
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--steps", type=int, default=30, help="num_inference_steps (SDXL's default: 30)")
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--sizes", type=int, nargs="+", default=[2048, 4096], help="chain sizes (x native/1024 in --smoke)")
+    parser.add_argument("--smoke", action="store_true", help="tiny SDXL twin on CPU: checks the script, not the goals")
+    args = parser.parse_args()
+
+    from synth import highres
+
+    device = torch.device("cpu" if args.smoke else "cuda")
+    dtype = torch.float32 if args.smoke else torch.float16
+    native = 64 if args.smoke else 1024
+    pipe = build_pipeline(device, dtype, args.smoke)
+    call = prompt_call(pipe, device, dtype, args.steps, args.smoke)
+
+    def run_at(size: int, staged: bool):
+        cfg = chain_config(native, size, staged)
+        call_at = {**call, "width": size, "height": size}
+        return lambda: highres.generate(pipe, call_at, cfg, size, size, seed=0)
+
+    scale = native / 1024
+    rows = [("text-to-image", native, run_at(native, True))]
+    if 2048 in args.sizes:
+        rows.append(("untiled (baseline)", int(2048 * scale), run_at(int(2048 * scale), False)))
+    rows += [("chain", int(size * scale), run_at(int(size * scale), True)) for size in args.sizes]
+    name = torch.cuda.get_device_name() if device.type == "cuda" else "CPU (smoke)"
+    print(f"{name}, {str(dtype).removeprefix('torch.')}, {args.steps} steps, median of {args.repeats} after a warm-up")
+    print(f"{'run':<20} {'size':>6} {'seconds':>8} {'peak GB':>8}")
+    for label, size, run in rows:
+        try:
+            seconds, peak = measure(run, device, args.repeats)
+            print(f"{label:<20} {size:>6} {seconds:>8.2f} {peak:>8.2f}", flush=True)
+        except torch.OutOfMemoryError:
+            print(f"{label:<20} {size:>6} {'OOM':>8}", flush=True)
+            torch.cuda.empty_cache()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,361 @@
+"""Staged high-resolution sampling: generate at the native size, then upscale (at most 2x per stage) and refine.
+
+The "highres fix" chain of the reference results: text-to-image at the family's native area, then per stage
+an upscale (Lanczos on the decoded image, or bilinear on the latent) and an image-to-image pass at that
+stage's strength. Above one tile the denoiser runs tiled (synth/tiled_denoiser.py) and so do the VAE's
+decode and encode (synth/tiled_vae.py). `plan_stages` and `check_highres` need no torch, so bad input fails
+before anything loads; `generate` runs the chain.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+from synth.config import check_size, parse_size
+from synth.families import get_family
+
+log = logging.getLogger(__name__)
+
+TILED = ("auto", True, False)
+UPSCALERS = ("lanczos", "latent")
+TILE_DEVICES = ("auto", "cpu")
+UNET_TILE_STEP = 8  # latent pixels: a UNet halves the latent three times, so a tile must divide by 8
+
+
+@dataclass(frozen=True)
+class Stage:
+    """One step of the chain: the base text-to-image (strength None) or an image-to-image refinement."""
+
+    width: int
+    height: int
+    strength: float | None
+    steps: int
+
+
+def staged(highres) -> bool:
+    return highres is not None and highres.get("name", "none") != "none"
+
+
+def tile_step(family_name: str) -> int:
+    """Tile sizes are multiples of this many latent pixels: 8 for UNets, the patch size for DiTs."""
+    family = get_family(family_name)
+    return family.size_step // 8 if family.kind == "dit" else UNET_TILE_STEP
+
+
+def tile_sizes(highres, native_size: int, family_name: str) -> tuple[int, int]:
+    """(tile_size, tile_overlap) in latent pixels: the family's native latent and 1/8 of it unless set."""
+    tile = highres.get("tile_size") or native_size // 8
+    overlap = highres.get("tile_overlap")
+    if overlap is None:
+        overlap = max(tile // 8, get_family(family_name).size_step // 8)
+    return tile, overlap
+
+
+def round_to(value: float, step: int) -> int:
+    return max(step, round(value / step) * step)
+
+
+def plan_stages(highres, family_name: str, native_size: int, width: int, height: int, steps: int) -> list[Stage]:
+    """The chain for a width x height image: the base text-to-image stage, then the refinements.
+
+    Up to the native area the chain is the single base stage at the requested size. Above it, the base has
+    the native area and the requested aspect, and ceil(log2(scale)) refinements grow it by equal factors
+    (each at most 2x) to exactly width x height. Stage strengths come from `highres.strengths[family]`
+    (the last repeats); explicit `highres.stages` replace the planned refinements.
+    """
+    family = get_family(family_name)
+    step = family.size_step
+    scale = math.sqrt(width * height) / native_size
+    if not staged(highres) or (scale <= 1 and not highres.get("stages")):
+        return [Stage(width, height, None, steps)]
+    base = (round_to(width / max(scale, 1), step), round_to(height / max(scale, 1), step))
+    chain = [Stage(*base, None, steps)]
+    if highres.get("stages"):
+        for spec in highres.stages:
+            stage_width, stage_height = parse_size(spec.get("size"), native_size)
+            strength = float(spec.get("strength", 0.5))
+            chain.append(Stage(stage_width, stage_height, strength, spec.get("steps") or refine_steps(steps, strength)))
+        return chain
+    count = max(1, math.ceil(math.log2(scale) - 1e-9))
+    strengths = list(highres.strengths.get(family_name) or [0.5])
+    for index in range(1, count + 1):
+        factor = scale ** (index / count) / scale
+        size = (width, height) if index == count else (round_to(width * factor, step), round_to(height * factor, step))
+        strength = float(strengths[min(index - 1, len(strengths) - 1)])
+        stage_steps = highres.get("stage_steps") or refine_steps(steps, strength)
+        chain.append(Stage(*size, strength, stage_steps))
+    return chain
+
+
+def refine_steps(steps: int, strength: float) -> int:
+    """The run's steps, raised so that floor(steps * strength) >= 1 (a 1-step turbo model still refines)."""
+    return max(steps, math.ceil(1 / strength - 1e-9))
+
+
+def check_highres(cfg, width: int, height: int) -> None:
+    """Refuse bad highres settings before any model loads (called from synth.config.check_inputs)."""
+    highres = cfg.get("highres")
+    if not staged(highres):
+        return
+    model = cfg.model
+    family = get_family(model.family)
+    tiled = highres.get("tiled", "auto")
+    if tiled not in TILED:
+        raise ValueError(f"highres.tiled={tiled}: choose auto, true or false")
+    upscale = highres.get("upscale", "lanczos")
+    if upscale not in UPSCALERS:
+        raise ValueError(f"highres.upscale={upscale}: choose one of {', '.join(UPSCALERS)}")
+    if highres.get("tile_device", "auto") not in TILE_DEVICES:
+        raise ValueError(f"highres.tile_device={highres.tile_device}: choose one of {', '.join(TILE_DEVICES)}")
+    step = tile_step(family.name)
+    for key in ("tile_size", "vae_tile_size"):
+        value = highres.get(key)
+        if value is None:
+            continue
+        if not isinstance(value, int) or isinstance(value, bool) or value < step or value % step:
+            raise ValueError(
+                f"highres.{key}={value}: must be a positive multiple of {step} latent pixels for {family.name} "
+                f"({'the UNet halves the latent 3 times' if family.kind == 'unet' else 'the patch size'})"
+            )
+    tile, overlap = tile_sizes(highres, model.native_size, family.name)
+    if not isinstance(overlap, int) or isinstance(overlap, bool) or not 0 <= overlap < tile:
+        raise ValueError(f"highres.tile_overlap={overlap}: must be an integer in [0, tile_size={tile})")
+    batch = highres.get("tile_batch_size", 1)
+    if not isinstance(batch, int) or isinstance(batch, bool) or batch < 1:
+        raise ValueError(f"highres.tile_batch_size={batch}: must be an integer >= 1")
+    for name, values in (highres.get("strengths") or {}).items():
+        for value in values:
+            check_strength(f"highres.strengths.{name}", value)
+    stage_steps = highres.get("stage_steps")
+    if stage_steps is not None and (not isinstance(stage_steps, int) or isinstance(stage_steps, bool) or stage_steps < 1):
+        raise ValueError(f"highres.stage_steps={stage_steps}: must be an integer >= 1")
+    if highres.get("stages"):
+        check_stages(highres, model, family, width, height)
+    if family.name == "sd3" and tiled is False and max(width, height) > 3072:
+        raise ValueError(
+            f"highres.tiled=false: sd3 cannot run untiled at {width}x{height} (its positional embedding covers "
+            "3072 px); use highres.tiled=auto"
+        )
+
+
+def check_strength(name: str, value) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value <= 1:
+        raise ValueError(f"{name}={value}: strengths must be in (0, 1]")
+
+
+def check_stages(highres, model, family, width: int, height: int) -> None:
+    """Explicit stages: readable sizes that grow stage by stage, strengths in (0, 1], the last at `size`."""
+    previous = None
+    for index, spec in enumerate(highres.stages):
+        where = f"highres.stages[{index}]"
+        if not hasattr(spec, "get") or spec.get("size") is None:
+            raise ValueError(f"{where}={spec}: give each stage as {{size: 1024, strength: 0.5, steps: 30}}")
+        stage_width, stage_height = parse_size(spec.size, model.native_size)
+        check_size(stage_width, stage_height, family.name)
+        check_strength(f"{where}.strength", spec.get("strength", 0.5))
+        steps = spec.get("steps")
+        if steps is not None and (not isinstance(steps, int) or isinstance(steps, bool) or steps < 1):
+            raise ValueError(f"{where}.steps={steps}: must be an integer >= 1")
+        if steps is not None and family.img2img_steps(steps, spec.get("strength", 0.5)) < 1:
+            raise ValueError(f"{where}: steps={steps} at strength {spec.get('strength', 0.5)} runs no step")
+        if previous is not None and not (
+            stage_width >= previous[0] and stage_height >= previous[1] and stage_width * stage_height > previous[0] * previous[1]
+        ):
+            raise ValueError(
+                f"{where}.size={spec.size}: stage sizes must increase (the previous stage is {previous[0]}x{previous[1]})"
+            )
+        previous = (stage_width, stage_height)
+    if previous != (width, height):
+        raise ValueError(
+            f"highres.stages: the last stage is {previous[0]}x{previous[1]} but size is {width}x{height}; "
+            f"set size={previous[0]}x{previous[1]}"
+        )
+
+
+def tile_settings(highres, model, family_name: str, vae_scale_factor: int):
+    from synth.tiled_denoiser import TileSettings
+
+    tile, overlap = tile_sizes(highres, model.native_size, family_name)
+    align = get_family(family_name).size_step // 8
+    return TileSettings(tile, overlap, int(highres.get("tile_batch_size", 4)), align, vae_scale_factor)
+
+
+def generate(pipe, call: dict, cfg, width: int, height: int, seed: int, out_dir=None, stem: str = "image"):
+    """One image for `call` at width x height: a plain pipeline call, or the staged, tiled chain.
+
+    Returns (PIL image, stats): stats holds the stages run and denoiser calls/tiles.
+    """
+    import torch
+
+    generator = torch.Generator("cpu").manual_seed(seed)  # the same noise on every device
+    highres, model = cfg.get("highres"), cfg.model
+    family = get_family(model.family)
+    steps = call["num_inference_steps"]
+    plan = plan_stages(highres, family.name, model.native_size, width, height, steps)
+    stats: dict = {"stages": [f"{stage.width}x{stage.height}" for stage in plan]}
+    if not staged(highres) or (len(plan) == 1 and not needs_tiling(highres, model, family.name, width, height)):
+        return pipe(**call, generator=generator).images[0], stats  # at or below native size: as diffusers does it
+
+    from contextlib import nullcontext
+
+    from PIL import Image
+
+    from synth.tiled_denoiser import tiled_denoiser
+
+    # exact class checks: synth's Hunyuan-DiT image-to-image pipeline subclasses the text-to-image one
+    text2img, img2img = (
+        pipe if type(pipe) is family.pipeline_class(task) else family.pipeline_class(task).from_pipe(pipe)
+        for task in ("text2img", "img2img")
+    )
+    for each in (text2img, img2img):
+        each.set_progress_bar_config(**getattr(pipe, "_progress_bar_config", {}))
+    settings = tile_settings(highres, model, family.name, pipe.vae_scale_factor)
+    tiling = highres.get("tiled", "auto") is not False
+    shared = {key: value for key, value in call.items() if key not in ("image", "strength", "width", "height")}
+    upscale = highres.get("upscale", "lanczos")
+
+    # 1. Where the chain starts: an init image enters at the largest stage it matches or exceeds.
+    entry, image = 0, None
+    if cfg.get("init_image") is not None:
+        with Image.open(Path(str(cfg.init_image)).expanduser()) as init:
+            image = init.convert("RGB")
+        fits = [i for i, stage in enumerate(plan) if stage.width <= image.width and stage.height <= image.height]
+        entry = fits[-1] if fits else 0
+        plan = plan[entry:]
+        plan[0] = Stage(plan[0].width, plan[0].height, float(cfg.denoise_strength), steps)
+    stats["entry"] = entry
+    check_untiled_fits(pipe, family.name, plan, tiling)
+
+    latents = None
+    for index, stage in enumerate(plan):
+        size = (stage.width, stage.height)
+        context = tiled_denoiser(pipe, settings, stats) if tiling else nullcontext()
+        # 2. The base stage is text-to-image; every later one upscales the last result and refines it.
+        if stage.strength is None:
+            with context:
+                arguments = {**shared, **family.call_kwargs(model, "text2img", *size)}
+                latents = text2img(**arguments, generator=generator, output_type="latent").images
+        else:
+            if latents is not None and upscale == "latent":
+                source = torch.nn.functional.interpolate(
+                    latents, size=(stage.height // pipe.vae_scale_factor, stage.width // pipe.vae_scale_factor),
+                    mode="bilinear", align_corners=False,
+                )
+            else:
+                if latents is not None:
+                    image = decode(pipe, latents, highres, model, family.name)
+                if image.size != size:
+                    image = image.resize(size, Image.LANCZOS)
+                source = encode(pipe, image, highres, model, family.name)
+            with context:
+                arguments = {**shared, **family.call_kwargs(model, "img2img", *size), "num_inference_steps": stage.steps}
+                latents = img2img(**arguments, image=source, strength=stage.strength, generator=generator,
+                                  output_type="latent").images
+        log.info("stage %d/%d: %dx%d (strength %s, %d steps)", index + 1, len(plan), *size, stage.strength, stage.steps)
+        # 3. Intermediate images on request, written beside the final one.
+        if highres.get("save_intermediate") and index < len(plan) - 1 and out_dir is not None:
+            from synth.images import save_png
+
+            intermediate = decode(pipe, latents, highres, model, family.name)
+            save_png(intermediate, Path(out_dir), f"{stem}-stage{index + entry}-{size[0]}x{size[1]}",
+                     {"synth-stage": f"stage {index + entry} of {stem}: {size[0]}x{size[1]}"})
+    return decode(pipe, latents, highres, model, family.name), stats
+
+
+def check_untiled_fits(pipe, family_name: str, plan: list[Stage], tiling: bool) -> None:
+    """highres.tiled=false above SD3's positional-embedding limit cannot run: say so before sampling."""
+    if tiling or family_name != "sd3":
+        return
+    from synth.tiled_denoiser import sd3_pos_embed_limit
+
+    limit = sd3_pos_embed_limit(pipe.transformer)
+    largest = max(max(stage.width, stage.height) for stage in plan)
+    if limit is not None and largest // pipe.vae_scale_factor > limit:
+        raise ValueError(
+            f"highres.tiled=false: this sd3 model's positional embedding covers {limit * pipe.vae_scale_factor} px, "
+            f"the chain reaches {largest} px; use highres.tiled=auto"
+        )
+
+
+def needs_tiling(highres, model, family_name: str, width: int, height: int) -> bool:
+    tile, _ = tile_sizes(highres, model.native_size, family_name)
+    vae_tile = highres.get("vae_tile_size") or tile
+    latent = max(width, height) // 8
+    return (highres.get("tiled", "auto") is not False and latent > tile) or (
+        highres.get("vae_tiled", "auto") is not False and latent > vae_tile
+    )
+
+
+def _vae_options(pipe, highres, model, family_name: str):
+    tile, _ = tile_sizes(highres, model.native_size, family_name)
+    vae_tile = highres.get("vae_tile_size") or tile
+    storage = None if highres.get("tile_device", "auto") == "auto" else highres.tile_device
+    return highres.get("vae_tiled", "auto") is not False, vae_tile, storage
+
+
+def decode(pipe, latents, highres, model, family_name: str):
+    """Model-space latents -> PIL image, through the tiled VAE above one tile (and the safety checker if any)."""
+    import torch
+
+    from synth import tiled_vae
+
+    vae = pipe.vae
+    tiled, tile, storage = _vae_options(pipe, highres, model, family_name)
+    z = latents / vae.config.scaling_factor + (vae.config.get("shift_factor") or 0.0)
+    with torch.no_grad(), upcast(vae):
+        z = z.to(vae.dtype)
+        if tiled and max(z.shape[-2:]) > tile:
+            pixels = tiled_vae.decode(vae, z, tile, storage)
+        else:
+            pixels = vae.decode(z, return_dict=False)[0]
+    pixels = pixels.to(torch.float32)
+    if getattr(pipe, "watermark", None) is not None:
+        pixels = pipe.watermark.apply_watermark(pixels)
+    denormalize = None
+    if getattr(pipe, "safety_checker", None) is not None:
+        pixels, nsfw = pipe.run_safety_checker(pixels, pixels.device, latents.dtype)
+        denormalize = [not flag for flag in nsfw] if nsfw is not None else None
+    return pipe.image_processor.postprocess(pixels, output_type="pil", do_denormalize=denormalize)[0]
+
+
+def encode(pipe, image, highres, model, family_name: str):
+    """PIL image -> model-space latents (the posterior mean), through the tiled VAE above one tile."""
+    import torch
+
+    from synth import tiled_vae
+
+    vae = pipe.vae
+    tiled, tile, storage = _vae_options(pipe, highres, model, family_name)
+    pixels = pipe.image_processor.preprocess(image, height=image.height, width=image.width)
+    with torch.no_grad(), upcast(vae):
+        pixels = pixels.to(vae.device, vae.dtype)
+        if tiled and max(pixels.shape[-2:]) // 8 > tile:
+            mean = tiled_vae.encode(vae, pixels, tile, storage)
+        else:
+            mean = vae.encode(pixels).latent_dist.mean
+    shift = vae.config.get("shift_factor") or 0.0
+    return ((mean - shift) * vae.config.scaling_factor).to(pipe.dtype if hasattr(pipe, "dtype") else mean.dtype)
+
+
+class upcast:
+    """Run an fp16 VAE that asks for it (`force_upcast`, SDXL's) in fp32, as the diffusers pipelines do."""
+
+    def __init__(self, vae):
+        import torch
+
+        self.vae = vae
+        self.dtype = vae.dtype
+        self.active = vae.dtype == torch.float16 and vae.config.get("force_upcast", False)
+
+    def __enter__(self):
+        if self.active:
+            import torch
+
+            self.vae.to(torch.float32)
+
+    def __exit__(self, *exc):
+        if self.active:
+            self.vae.to(self.dtype)

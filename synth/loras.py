@@ -1,0 +1,231 @@
+"""LoRA files: the format synth writes, the checks that run before any model loads, and loading into a pipeline.
+
+A synth LoRA is one .safetensors file in diffusers' format: keys ``<prefix>.<module>.lora_A.weight`` /
+``lora_B.weight`` with prefix ``unet`` or ``transformer``, diffusers' ``lora_adapter_metadata`` (the peft
+LoraConfig, so alpha != rank loads at the right scale), and synth's own ``synth_lora`` metadata (family, base
+model, rank, alpha, the resolved training config). Loading uses diffusers' ``load_lora_weights`` where diffusers
+has a loader, and peft directly for Hunyuan-DiT (diffusers has no Hunyuan-DiT LoRA loader).
+
+The checks here read only the safetensors header, so importing this module does not import torch.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import struct
+from pathlib import Path
+
+log = logging.getLogger(__name__)
+
+DIFFUSERS_METADATA_KEY = "lora_adapter_metadata"  # diffusers.loaders.lora_base.LORA_ADAPTER_METADATA_KEY
+SYNTH_METADATA_KEY = "synth_lora"
+# Families whose pipelines have no diffusers LoRA loader: synth injects the adapters with peft itself.
+PEFT_LOADED = ("hunyuan_dit",)
+
+
+def denoiser_prefix(family_kind: str) -> str:
+    """The state-dict prefix diffusers uses for the denoiser: "unet" for UNet families, "transformer" for DiTs."""
+    return "unet" if family_kind == "unet" else "transformer"
+
+
+# --- the checks before any model loads -------------------------------------------------------------
+
+
+def lora_entries(lora_cfg) -> list[tuple[str, float]]:
+    """The (path, scale) pairs a lora config asks for: lora.path/lora.scale, each a value or a list."""
+    if lora_cfg is None or lora_cfg.get("path") in (None, "", []):
+        return []
+    paths, scales = lora_cfg.get("path"), lora_cfg.get("scale", 1.0)
+    paths = [paths] if isinstance(paths, str) else list(paths)
+    if isinstance(scales, (int, float)) and not isinstance(scales, bool):
+        scales = [scales] * len(paths)
+    elif isinstance(scales, str) or scales is None:
+        raise ValueError(f"lora.scale={scales}: give a number (0.8) or a list with one number per lora.path")
+    else:
+        scales = list(scales)
+    if len(scales) != len(paths):
+        raise ValueError(
+            f"lora.scale has {len(scales)} values for {len(paths)} lora.path entries; give one scale per LoRA "
+            "(lora.path=[a.safetensors,b.safetensors] lora.scale=[0.8,0.5]) or a single number for all"
+        )
+    for scale in scales:
+        if isinstance(scale, bool) or not isinstance(scale, (int, float)):
+            raise ValueError(f"lora.scale={scale!r}: must be a number (1.0 = as trained, 0 = off)")  # noqa: TRY004 (user input: entry points report ValueErrors)
+    return [(str(path), float(scale)) for path, scale in zip(paths, scales)]
+
+
+def read_header(path: str) -> dict:
+    """The JSON header of a .safetensors file (tensor names, shapes and __metadata__), read without torch."""
+    try:
+        with open(path, "rb") as file:
+            (length,) = struct.unpack("<Q", file.read(8))
+            if length > 100_000_000:
+                raise ValueError("header too large")
+            return json.loads(file.read(length))
+    except (struct.error, ValueError, UnicodeDecodeError) as error:
+        raise ValueError(f"lora.path={path}: not a readable .safetensors file ({error})") from None
+
+
+def read_metadata(path: str) -> dict:
+    """synth's metadata of a LoRA file ({} for LoRAs made elsewhere)."""
+    metadata = read_header(path).get("__metadata__") or {}
+    try:
+        return json.loads(metadata[SYNTH_METADATA_KEY]) if SYNTH_METADATA_KEY in metadata else {}
+    except json.JSONDecodeError:
+        raise ValueError(f"lora.path={path}: its {SYNTH_METADATA_KEY} metadata is not valid JSON") from None
+
+
+def check_lora_inputs(lora_cfg, family_name: str) -> None:
+    """Every lora.path must be an existing .safetensors file, made for this family if it says which."""
+    for path, _ in lora_entries(lora_cfg):
+        if not path.lower().endswith(".safetensors"):
+            raise ValueError(
+                f"lora.path={path}: only .safetensors LoRA files are loaded (.ckpt/.pt/.bin files can run "
+                "arbitrary code when unpickled)"
+            )
+        if not Path(path).expanduser().is_file():
+            raise FileNotFoundError(f"lora.path={path}: no such file")
+        made_for = read_metadata(str(Path(path).expanduser())).get("family")
+        if made_for is not None and made_for != family_name:
+            raise ValueError(
+                f"lora.path={path}: this LoRA was trained for {made_for}, not {family_name}; "
+                f"use it with model={made_for} (or a {made_for} checkpoint)"
+            )
+
+
+def lora_key(lora_cfg) -> str:
+    """What identifies the LoRAs a pipeline carries: paths, file sizes and times, and scales."""
+    parts = []
+    for path, scale in lora_entries(lora_cfg):
+        stat = Path(path).expanduser().stat()
+        parts.append(f"{Path(path).expanduser().resolve()}|{stat.st_size}|{stat.st_mtime_ns}|{scale}")
+    return ";".join(parts)
+
+
+# --- writing ---------------------------------------------------------------------------------------
+
+
+def save_lora(path, state_dict: dict, prefix: str, adapter_config: dict, synth_metadata: dict) -> Path:
+    """Write a LoRA state dict (peft names, no prefix) as a diffusers-format .safetensors file, atomically."""
+    import os
+    import tempfile
+
+    from safetensors.torch import save_file
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tensors = {f"{prefix}.{key}": tensor.detach().to("cpu").contiguous() for key, tensor in state_dict.items()}
+    metadata = {
+        "format": "pt",
+        # diffusers reads this back into a LoraConfig (rank, alpha, target modules) when loading.
+        DIFFUSERS_METADATA_KEY: json.dumps({f"{prefix}.{k}": v for k, v in adapter_config.items()}, sort_keys=True),
+        SYNTH_METADATA_KEY: json.dumps(synth_metadata, sort_keys=True, default=str),
+    }
+    handle, scratch = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    os.close(handle)
+    try:
+        save_file(tensors, scratch, metadata=metadata)
+        os.replace(scratch, path)
+    finally:
+        Path(scratch).unlink(missing_ok=True)
+    return path
+
+
+# --- loading ---------------------------------------------------------------------------------------
+
+
+def _module_shapes(model) -> dict:
+    import torch
+
+    shapes = {}
+    for name, module in model.named_modules():
+        if isinstance(module, torch.nn.Linear):
+            # A layer that already carries a LoRA wraps the original as <name>.base_layer.
+            shapes[name.removesuffix(".base_layer")] = (module.in_features, module.out_features)
+    return shapes
+
+
+def check_lora_fits(path: str, prefix: str, model, family_name: str) -> None:
+    """Refuse a LoRA whose keys or shapes do not match the denoiser: it was made for another model."""
+    header = read_header(path)
+    shapes = _module_shapes(model)
+    keys = [key for key in header if key != "__metadata__"]
+    denoiser_keys = [key for key in keys if key.startswith(prefix + ".")]
+    if not denoiser_keys:
+        found = sorted({key.split(".")[0] for key in keys})[:5]
+        raise ValueError(
+            f"lora.path={path}: holds no '{prefix}.*' weights (found prefixes {', '.join(found)}); "
+            f"it was not made for {family_name}, or is not in diffusers' LoRA format"
+        )
+    for key in denoiser_keys:
+        module, _, kind = key[len(prefix) + 1 :].rpartition(".lora_")
+        if not kind.startswith(("A.", "B.")):
+            continue
+        shape = header[key]["shape"]
+        if module not in shapes:
+            raise ValueError(f"lora.path={path}: {family_name} has no layer {module!r}; the LoRA is for another model")
+        in_features, out_features = shapes[module]
+        if (kind.startswith("A.") and shape[1] != in_features) or (kind.startswith("B.") and shape[0] != out_features):
+            raise ValueError(
+                f"lora.path={path}: layer {module!r} has shape {shape}, which does not fit this {family_name} model "
+                f"({in_features} -> {out_features}); the LoRA is for another model size or family"
+            )
+
+
+def _peft_config(path: str, prefix: str, state_dict: dict):
+    """The LoraConfig stored in the file, or one inferred from the shapes (rank = alpha) for files without it."""
+    from peft import LoraConfig
+
+    raw = (read_header(path).get("__metadata__") or {}).get(DIFFUSERS_METADATA_KEY)
+    if raw:
+        stored = json.loads(raw)
+        kwargs = {k[len(prefix) + 1 :]: v for k, v in stored.items() if k.startswith(prefix + ".")}
+        kwargs = {k: v for k, v in kwargs.items() if k in LoraConfig.__dataclass_fields__}
+        return LoraConfig(**kwargs)
+    modules = sorted({key.rpartition(".lora_")[0] for key in state_dict if ".lora_" in key})
+    rank = next(tensor.shape[0] for key, tensor in state_dict.items() if ".lora_A." in key)
+    return LoraConfig(r=rank, lora_alpha=rank, target_modules=modules)
+
+
+def load_peft_lora(model, path: str, prefix: str, adapter_name: str) -> None:
+    """Inject one LoRA into a model that has no diffusers LoRA loader (Hunyuan-DiT), with peft alone."""
+    from peft import inject_adapter_in_model, set_peft_model_state_dict
+    from safetensors.torch import load_file
+
+    tensors = load_file(path)
+    state_dict = {key[len(prefix) + 1 :]: value for key, value in tensors.items() if key.startswith(prefix + ".")}
+    inject_adapter_in_model(_peft_config(path, prefix, state_dict), model, adapter_name=adapter_name)
+    result = set_peft_model_state_dict(model, state_dict, adapter_name=adapter_name)
+    unexpected = getattr(result, "unexpected_keys", None) or []
+    if unexpected:
+        raise ValueError(f"lora.path={path}: {len(unexpected)} weights did not load, e.g. {unexpected[0]}")
+
+
+def load_loras(pipe, family, lora_cfg) -> None:
+    """Load every LoRA lora_cfg names into the text-to-image pipeline and activate them at their scales."""
+    entries = lora_entries(lora_cfg)
+    if not entries:
+        return
+    prefix = denoiser_prefix(family.kind)
+    model = getattr(pipe, prefix)
+    names = []
+    for index, (path, scale) in enumerate(entries):
+        path = str(Path(path).expanduser())
+        check_lora_fits(path, prefix, model, family.name)
+        name = f"lora{index}"
+        log.info("loading LoRA %s at scale %s", path, scale)
+        if family.name in PEFT_LOADED:
+            load_peft_lora(model, path, prefix, name)
+        else:
+            # Through the text-to-image pipeline: KolorsImg2ImgPipeline.load_lora_weights fails in diffusers 0.42
+            # (it looks for text_encoder_2); image-to-image shares these layers through from_pipe.
+            pipe.load_lora_weights(path, adapter_name=name)
+        names.append(name)
+    scales = [scale for _, scale in entries]
+    if family.name in PEFT_LOADED:
+        from diffusers.utils.peft_utils import set_weights_and_activate_adapters
+
+        set_weights_and_activate_adapters(model, names, scales)
+    else:
+        pipe.set_adapters(names, adapter_weights=scales)

@@ -1,0 +1,126 @@
+"""Overlapping tiles over a latent, smooth blend weights, and a tiled call of any per-tile function.
+
+MultiDiffusion-style tiling (Bar-Tal et al., 2023, "MultiDiffusion: Fusing Diffusion Paths"): run a function on
+overlapping windows and average the results with weights. Everything here is plain torch on (batch, channels,
+height, width) tensors; synth/tiled_denoiser.py adapts it to each family's denoiser.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass(frozen=True)
+class Tile:
+    """A window of the latent: rows top..top+height, columns left..left+width (latent pixels)."""
+
+    top: int
+    left: int
+    height: int
+    width: int
+
+    def slices(self) -> tuple[slice, slice]:
+        return slice(self.top, self.top + self.height), slice(self.left, self.left + self.width)
+
+
+def tile_starts(length: int, tile: int, overlap: int, align: int = 1) -> list[int]:
+    """Start offsets of tiles of size `tile` covering 0..length with at least ~`overlap` shared pixels.
+
+    The tiles are spread evenly, so the last one ends exactly at `length` (no holes, no partial tile) and
+    every tile has the same size. Starts are multiples of `align` (a DiT's patch size), which needs
+    `length` and `tile` to be multiples of `align`.
+    """
+    if length <= tile:
+        return [0]
+    if not 0 <= overlap < tile:
+        raise ValueError(f"tile overlap {overlap} must be in [0, tile size {tile})")
+    count = math.ceil((length - overlap) / (tile - overlap))
+    span = length - tile
+    starts = [(round(i * span / (count - 1)) // align) * align for i in range(count)]
+    starts[-1] = span  # exact, even when span / (count - 1) is not an integer
+    return sorted(set(starts))
+
+
+def tile_layout(height: int, width: int, tile_size: int, tile_overlap: int, align: int = 1) -> list[Tile]:
+    """Tiles covering a height x width latent; a side no longer than tile_size is one tile of that side."""
+    tile_height, tile_width = min(tile_size, height), min(tile_size, width)
+    return [
+        Tile(top, left, tile_height, tile_width)
+        for top in tile_starts(height, tile_size, tile_overlap, align)
+        for left in tile_starts(width, tile_size, tile_overlap, align)
+    ]
+
+
+def edge_ramp(start: int, size: int, length: int, ramp: int) -> torch.Tensor:
+    """1-D weight of a tile: 1 inside, falling as a half cosine over `ramp` pixels at an edge shared with a neighbour.
+
+    The cosine reaches the edge with zero slope and nearly zero weight (pixel centres sit half a pixel in,
+    so weights never reach 0 and the normalised blend is defined everywhere): a tile's own edge artefacts,
+    where its denoiser saw no context, barely enter the blend. An edge on the image border keeps weight 1,
+    so a pixel covered by one tile gets exactly that tile's value.
+    """
+    position = torch.arange(size, dtype=torch.float64) + 0.5
+    distance = torch.full((size,), float("inf"), dtype=torch.float64)
+    if start > 0:
+        distance = torch.minimum(distance, position)
+    if start + size < length:
+        distance = torch.minimum(distance, size - position)
+    return torch.sin(torch.pi / 2 * (distance / max(ramp, 1)).clamp(max=1)) ** 2
+
+
+def tile_weight(tile: Tile, height: int, width: int, ramp: int) -> torch.Tensor:
+    """Unnormalised (tile.height, tile.width) blend weight: the outer product of the two edge ramps."""
+    rows = edge_ramp(tile.top, tile.height, height, ramp)
+    columns = edge_ramp(tile.left, tile.width, width, ramp)
+    return rows[:, None] * columns[None, :]
+
+
+def blend_weights(tiles: list[Tile], height: int, width: int, ramp: int) -> list[torch.Tensor]:
+    """Per-tile weights normalised so that they sum to 1 at every latent pixel (float64)."""
+    total = torch.zeros(height, width, dtype=torch.float64)
+    raw = [tile_weight(tile, height, width, ramp) for tile in tiles]
+    for tile, weight in zip(tiles, raw):
+        total[tile.slices()] += weight
+    if (total == 0).any():
+        raise ValueError(f"tiles leave latent pixels uncovered for a {height}x{width} latent")
+    return [weight / total[tile.slices()] for tile, weight in zip(tiles, raw)]
+
+
+def tiled_apply(
+    fn: Callable[[list[Tile], torch.Tensor], torch.Tensor],
+    x: torch.Tensor,
+    tiles: list[Tile],
+    ramp: int,
+    batch_size: int,
+) -> torch.Tensor:
+    """Blend fn over tiles of x (B, C, H, W); fn(tiles, crops) gets k tiles stacked tile-major as (k*B, C, h, w).
+
+    fn must return (k*B, C', h, w) in the same order. One tile covering x is a plain fn call (bitwise untiled).
+    Predictions are accumulated in float64 (float32 on MPS, which has no float64) and returned in fn's dtype:
+    the blend adds no rounding of its own beyond the final cast.
+    """
+    if len(tiles) == 1 and (tiles[0].height, tiles[0].width) == tuple(x.shape[-2:]):
+        return fn(tiles, x)
+    height, width = x.shape[-2:]
+    weights = blend_weights(tiles, height, width, ramp)
+    accumulate = torch.float32 if x.device.type == "mps" else torch.float64
+    out = None
+    for first in range(0, len(tiles), batch_size):
+        batch = tiles[first : first + batch_size]
+        crops = torch.cat([x[(..., *tile.slices())] for tile in batch])
+        pred = fn(batch, crops)
+        if out is None:
+            out = torch.zeros((x.shape[0], pred.shape[1], height, width), dtype=accumulate, device=pred.device)
+            out_dtype = pred.dtype
+        for tile, weight, tile_pred in zip(batch, weights[first:], pred.chunk(len(batch))):
+            out[(..., *tile.slices())] += tile_pred.to(accumulate) * weight.to(out.device, accumulate)
+    return out.to(out_dtype)
+
+
+def area_overhead(tiles: list[Tile], height: int, width: int) -> float:
+    """Sum of tile areas divided by the latent area: 1.0 means no redundant compute."""
+    return sum(tile.height * tile.width for tile in tiles) / (height * width)

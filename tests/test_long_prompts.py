@@ -1,0 +1,99 @@
+"""Prompts longer than CLIP's 77 tokens: chunked embeddings, identical to diffusers' for short prompts."""
+
+import numpy as np
+import pytest
+import torch
+from conftest import compose_infer, run_cli
+from PIL import Image
+
+from synth import pipelines
+from synth.infer import infer
+from synth.prompt_encoding import prompt_kwargs, token_chunks
+
+WORDS = "a red car parked on a street at night in the rain"  # 11 tokens for the twins' CLIP tokenizers
+LONG = ", ".join([WORDS] * 8)  # about 95 tokens: two chunks
+
+
+def pipe_for(model):
+    cfg = compose_infer([f"model={model}"])
+    return cfg, pipelines.get_pipeline(cfg, torch.device("cpu"), torch.float32)
+
+
+@pytest.mark.parametrize("model", ["tiny_sd15", "tiny_sdxl", "tiny_sd3"])
+@pytest.mark.parametrize("negative", ["", "blurry, ugly"])
+def test_short_prompt_embeddings_equal_diffusers(model, negative):
+    cfg, pipe = pipe_for(model)
+    family = cfg.model.family
+    ours = prompt_kwargs(pipe, family, WORDS, negative, 7.0, cfg.model)
+    extra = {"sd15": {}, "sdxl": {"prompt_2": None}, "sd3": {"prompt_2": None, "prompt_3": None}}[family]
+    with torch.no_grad():  # as inside the pipeline call
+        reference = pipe.encode_prompt(
+            prompt=WORDS, negative_prompt=negative or None, device="cpu", num_images_per_prompt=1,
+            do_classifier_free_guidance=True, **extra,
+        )
+    names = ["prompt_embeds", "negative_prompt_embeds", "pooled_prompt_embeds", "negative_pooled_prompt_embeds"]
+    for name, expected in zip(names, reference):
+        if expected is not None:
+            assert torch.equal(ours[name], expected), name
+
+
+@pytest.mark.parametrize("model", ["tiny_sd15", "tiny_sdxl", "tiny_sd3"])
+def test_long_prompt_is_chunked_and_negative_padded(model):
+    cfg, pipe = pipe_for(model)
+    tokenizer = pipe.tokenizer
+    assert len(token_chunks(tokenizer, LONG)) == 2
+    ours = prompt_kwargs(pipe, cfg.model.family, LONG, "blurry", 7.0, cfg.model)
+    t5 = cfg.model.max_sequence_length if cfg.model.family == "sd3" else 0
+    assert ours["prompt_embeds"].shape[1] == 2 * 77 + t5
+    assert ours["negative_prompt_embeds"].shape == ours["prompt_embeds"].shape, "negative padded to as many chunks"
+    # The first chunk is exactly the embedding of the prompt's first 75 tokens.
+    head = tokenizer.decode(token_chunks(tokenizer, LONG)[0])
+    first = prompt_kwargs(pipe, cfg.model.family, head, "blurry", 7.0, cfg.model)["prompt_embeds"]
+    assert torch.allclose(ours["prompt_embeds"][:, :77], first[:, :77], atol=1e-6)
+    # A long negative prompt pads the positive one.
+    swapped = prompt_kwargs(pipe, cfg.model.family, "blurry", LONG, 7.0, cfg.model)
+    assert swapped["prompt_embeds"].shape == ours["prompt_embeds"].shape
+
+
+def test_tokens_past_77_change_the_image(tmp_path):
+    tail_a, tail_b = LONG + ", a yellow flower", LONG + ", a black and white photo"
+    assert len(token_chunks(pipe_for("tiny_sd15")[1].tokenizer, LONG)) == 2  # both tails sit in the second chunk
+    images = []
+    for name, prompt in (("a", tail_a), ("b", tail_b)):
+        [path] = infer(compose_infer(["model=tiny_sd15", f"prompt='{prompt}'"], output_dir=tmp_path / name))
+        images.append(np.asarray(Image.open(path).convert("RGB"), dtype=np.int16))
+    assert np.abs(images[0] - images[1]).mean() > 0.5, "the words after token 77 were ignored"
+
+
+def test_sd3_t5_length_is_config():
+    cfg, pipe = pipe_for("tiny_sd3")
+    cfg.model.max_sequence_length = 128
+    ours = prompt_kwargs(pipe, "sd3", WORDS, "", 7.0, cfg.model)
+    assert ours["prompt_embeds"].shape[1] == 77 + 128
+
+
+@pytest.mark.parametrize("args, message", [
+    (["model=tiny_kolors", "model.max_sequence_length=300"], "kolors takes 1..256 tokens"),
+    (["model=tiny_sd3", "model.max_sequence_length=600"], "sd3 takes 1..512 tokens"),
+])
+def test_sequence_length_checks(tmp_path, args, message):
+    result = run_cli("infer.py", *args, f"hydra.run.dir={tmp_path}", cwd=tmp_path)
+    assert result.returncode == 2 and message in result.stderr, result.stderr
+
+
+@pytest.mark.parametrize("model", ["tiny_sd15", "tiny_sd3"])
+def test_prompt_weighting(model):
+    cfg, pipe = pipe_for(model)
+    family = cfg.model.family
+
+    def embeds(prompt):
+        return prompt_kwargs(pipe, family, prompt, "", 7.0, cfg.model)["prompt_embeds"]
+
+    plain = embeds("a red car on a street")
+    assert torch.equal(embeds("a (red car:1.0) on a street"), plain), "weight 1 is the plain prompt"
+    weighted = embeds("a (red car:1.5) on a street")
+    assert not torch.allclose(weighted[:, :77], plain[:, :77]), "the weight changes the CLIP states"
+    assert torch.allclose(weighted[:, :77].mean(), plain[:, :77].mean(), atol=1e-5), "the mean is kept"
+    if family == "sd3":
+        assert torch.equal(weighted[:, 77:], plain[:, 77:]), "T5 reads the text without the syntax"
+    assert embeds("a (red car) on a street").shape == plain.shape  # plain parentheses stay text
