@@ -8,7 +8,7 @@ from omegaconf import DictConfig
 
 from synth.entry import check_group_choices, run_task
 
-GROUPS = ("model", "scheduler", "highres", "prompter", "lora", "logger")
+GROUPS = ("model", "scheduler", "highres", "controlnet", "prompter", "lora", "logger")
 
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="infer")

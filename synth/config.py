@@ -18,6 +18,7 @@ CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
 MAX_SIDE = 16384  # beyond this even tiled sampling needs more than one GPU's host memory
 DEVICES = ("auto", "cuda", "cpu", "mps")
 DTYPES = ("auto", "fp16", "bf16", "fp32")
+OFFLOADS = ("none", "model")  # model: DiffusionPipeline.enable_model_cpu_offload
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
 
@@ -142,6 +143,12 @@ def check_inputs(cfg: DictConfig) -> tuple[int, int]:
         raise ValueError(f"device={cfg.device}: choose one of {', '.join(DEVICES)}")
     if cfg.dtype not in DTYPES:
         raise ValueError(f"dtype={cfg.dtype}: choose one of {', '.join(DTYPES)}")
+    offload = cfg.get("offload", "none")
+    if offload not in OFFLOADS:
+        raise ValueError(f"offload={offload}: choose one of {', '.join(OFFLOADS)}")
+    if offload != "none" and cfg.device in ("cpu", "mps"):
+        raise ValueError(f"offload={offload} moves weights between the CPU and a CUDA GPU; device={cfg.device} has none "
+                         "(use offload=none)")
     steps = cfg.num_inference_steps if cfg.num_inference_steps is not None else model.num_inference_steps
     if not isinstance(steps, int) or isinstance(steps, bool) or steps < 1:
         raise ValueError(f"num_inference_steps={steps}: must be an integer >= 1")
@@ -171,9 +178,12 @@ def check_inputs(cfg: DictConfig) -> tuple[int, int]:
                 f"denoise_strength={strength} with num_inference_steps={steps} runs no step "
                 "(image-to-image runs about steps * strength steps); raise either"
             )
-    from synth.highres import check_highres  # here, not at the top: synth.highres imports this module
+    # here, not at the top: synth.highres and synth.controlnet import this module
+    from synth.controlnet import check_controlnet
+    from synth.highres import check_highres
 
     check_highres(cfg, width, height)  # highres group: tiles, stages, strengths
+    check_controlnet(cfg, width, height)  # controlnet group: family, paths, scales
     check_model_path(model)
     check_offline(model)
     check_lora_inputs(cfg.get("lora"), family.name)

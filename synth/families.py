@@ -18,9 +18,10 @@ class Family:
     size_step: int  # width and height must be multiples of this: VAE factor 8 x the DiT patch size
     single_file: bool  # whether diffusers can load a civitai-style single-file checkpoint
     kind: str  # "unet" or "dit"
+    controlnet_img2img: str | None = None  # "module:Class" of image-to-image with a ControlNet (highres refinement)
 
     def pipeline_class(self, task: str):
-        """The diffusers pipeline class for task "text2img" or "img2img"."""
+        """The diffusers pipeline class for task "text2img", "img2img" or "controlnet_img2img"."""
         module, name = getattr(self, task).split(":")
         return getattr(importlib.import_module(module), name)
 
@@ -65,6 +66,7 @@ FAMILIES: dict[str, Family] = {
         size_step=8,
         single_file=True,
         kind="unet",
+        controlnet_img2img="diffusers:StableDiffusionControlNetImg2ImgPipeline",
     ),
     "sdxl": Family(
         "sdxl",
@@ -73,6 +75,7 @@ FAMILIES: dict[str, Family] = {
         size_step=8,
         single_file=True,
         kind="unet",
+        controlnet_img2img="diffusers:StableDiffusionXLControlNetImg2ImgPipeline",
     ),
     "sd3": SD3(
         "sd3",

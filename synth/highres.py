@@ -14,6 +14,7 @@ import math
 from dataclasses import dataclass
 from pathlib import Path
 
+from synth import controlnet
 from synth.config import check_size, parse_size
 from synth.families import get_family
 
@@ -196,7 +197,10 @@ def generate(pipe, call: dict, cfg, width: int, height: int, seed: int, out_dir=
     steps = call["num_inference_steps"]
     plan = plan_stages(highres, family.name, model.native_size, width, height, steps)
     stats: dict = {"stages": [f"{stage.width}x{stage.height}" for stage in plan]}
-    if not staged(highres) or (len(plan) == 1 and not needs_tiling(highres, model, family.name, width, height)):
+    control = controlnet.active(cfg)
+    if not staged(highres) or (
+        len(plan) == 1 and not control and not needs_tiling(highres, model, family.name, width, height)
+    ):
         return pipe(**call, generator=generator).images[0], stats  # at or below native size: as diffusers does it
 
     from contextlib import nullcontext
@@ -212,8 +216,10 @@ def generate(pipe, call: dict, cfg, width: int, height: int, seed: int, out_dir=
     )
     for each in (text2img, img2img):
         each.set_progress_bar_config(**getattr(pipe, "_progress_bar_config", {}))
+    if control:  # every refinement steers with the ControlNet, through the same shared components
+        img2img = controlnet.pipeline(pipe, cfg)
     settings = tile_settings(highres, model, family.name, pipe.vae_scale_factor)
-    tiling = highres.get("tiled", "auto") is not False
+    tiling = highres.get("tiled", "auto")
     shared = {key: value for key, value in call.items() if key not in ("image", "strength", "width", "height")}
     upscale = highres.get("upscale", "lanczos")
 
@@ -227,15 +233,17 @@ def generate(pipe, call: dict, cfg, width: int, height: int, seed: int, out_dir=
         plan = plan[entry:]
         plan[0] = Stage(plan[0].width, plan[0].height, float(cfg.denoise_strength), steps)
     stats["entry"] = entry
-    check_untiled_fits(pipe, family.name, plan, tiling)
+    check_untiled_fits(pipe, family.name, plan, tiling is not False)
 
     latents = None
     for index, stage in enumerate(plan):
         size = (stage.width, stage.height)
-        context = tiled_denoiser(pipe, settings, stats) if tiling else nullcontext()
+        # tiled=true sends every stage through the tiler (one tile when the latent fits: bitwise the plain call);
+        # auto only the stages whose latent is larger than a tile
+        tiles = tiling is True or (tiling == "auto" and max(size) // pipe.vae_scale_factor > settings.tile_size)
         # 2. The base stage is text-to-image; every later one upscales the last result and refines it.
         if stage.strength is None:
-            with context:
+            with tiled_denoiser(text2img, settings, stats) if tiles else nullcontext():
                 arguments = {**shared, **family.call_kwargs(model, "text2img", *size)}
                 latents = text2img(**arguments, generator=generator, output_type="latent").images
         else:
@@ -244,18 +252,28 @@ def generate(pipe, call: dict, cfg, width: int, height: int, seed: int, out_dir=
                     latents, size=(stage.height // pipe.vae_scale_factor, stage.width // pipe.vae_scale_factor),
                     mode="bilinear", align_corners=False,
                 )
+                if control:  # the condition is an image: decode the last stage for it
+                    image = decode(pipe, latents, highres, model, family.name).resize(size, Image.LANCZOS)
             else:
                 if latents is not None:
                     image = decode(pipe, latents, highres, model, family.name)
                 if image.size != size:
                     image = image.resize(size, Image.LANCZOS)
                 source = encode(pipe, image, highres, model, family.name)
-            with context:
-                arguments = {**shared, **family.call_kwargs(model, "img2img", *size), "num_inference_steps": stage.steps}
+            arguments = {**shared, **family.call_kwargs(model, "img2img", *size), "num_inference_steps": stage.steps}
+            if control:  # 3. ControlNet: the upscaled image (tile) or its line art (lineart) steers the refinement
+                condition = controlnet.condition(cfg, image, img2img._execution_device)
+                arguments.update(control_image=condition, **controlnet.call_kwargs(cfg))
+                if highres.get("save_intermediate") and out_dir is not None and cfg.controlnet.name != "tile":
+                    from synth.images import save_png
+
+                    save_png(condition, Path(out_dir), f"{stem}-stage{index + entry}-{cfg.controlnet.name}",
+                             {"synth-stage": f"ControlNet condition of stage {index + entry} of {stem}"})
+            with tiled_denoiser(img2img, settings, stats) if tiles else nullcontext():
                 latents = img2img(**arguments, image=source, strength=stage.strength, generator=generator,
                                   output_type="latent").images
         log.info("stage %d/%d: %dx%d (strength %s, %d steps)", index + 1, len(plan), *size, stage.strength, stage.steps)
-        # 3. Intermediate images on request, written beside the final one.
+        # 4. Intermediate images on request, written beside the final one.
         if highres.get("save_intermediate") and index < len(plan) - 1 and out_dir is not None:
             from synth.images import save_png
 
@@ -302,11 +320,11 @@ def decode(pipe, latents, highres, model, family_name: str):
 
     from synth import tiled_vae
 
-    vae = pipe.vae
+    vae = onload(pipe.vae)
     tiled, tile, storage = _vae_options(pipe, highres, model, family_name)
     z = latents / vae.config.scaling_factor + (vae.config.get("shift_factor") or 0.0)
     with torch.no_grad(), upcast(vae):
-        z = z.to(vae.dtype)
+        z = z.to(vae.device, vae.dtype)
         if tiled and max(z.shape[-2:]) > tile:
             pixels = tiled_vae.decode(vae, z, tile, storage)
         else:
@@ -327,7 +345,7 @@ def encode(pipe, image, highres, model, family_name: str):
 
     from synth import tiled_vae
 
-    vae = pipe.vae
+    vae = onload(pipe.vae)
     tiled, tile, storage = _vae_options(pipe, highres, model, family_name)
     pixels = pipe.image_processor.preprocess(image, height=image.height, width=image.width)
     with torch.no_grad(), upcast(vae):
@@ -338,6 +356,15 @@ def encode(pipe, image, highres, model, family_name: str):
             mean = vae.encode(pixels).latent_dist.mean
     shift = vae.config.get("shift_factor") or 0.0
     return ((mean - shift) * vae.config.scaling_factor).to(pipe.dtype if hasattr(pipe, "dtype") else mean.dtype)
+
+
+def onload(module):
+    """module, moved to its execution device now if model CPU offload holds it on the CPU: the tiled VAE calls its
+    layers directly, below the forward hook that would move it."""
+    hook = getattr(module, "_hf_hook", None)
+    if hook is not None:
+        hook.pre_forward(module)
+    return module
 
 
 class upcast:

@@ -52,8 +52,13 @@ def ensure_weights(model_cfg: DictConfig) -> None:
         ensure_twin(model_cfg.twin.family, model_cfg.path, preset=model_cfg.twin.preset)
 
 
-def load_pipeline(model_cfg: DictConfig, device: torch.device, dtype: torch.dtype):
-    """Load the family's text-to-image pipeline from a diffusers folder, hub id or single file."""
+def load_pipeline(model_cfg: DictConfig, device: torch.device, dtype: torch.dtype, offload: str = "none"):
+    """Load the family's text-to-image pipeline from a diffusers folder, hub id or single file.
+
+    offload="model" keeps the weights on the CPU and moves each model to `device` while it runs
+    (diffusers' enable_model_cpu_offload); the pipeline then reports the CPU as `pipe.device` and `device`
+    as `pipe._execution_device`.
+    """
     global load_count
     family = get_family(model_cfg.family)
     ensure_weights(model_cfg)
@@ -74,13 +79,17 @@ def load_pipeline(model_cfg: DictConfig, device: torch.device, dtype: torch.dtyp
             raise offline_error(path) from error
         raise
     load_count += 1
+    if offload == "model":
+        pipe.enable_model_cpu_offload(device=device)
+        return pipe
     return pipe.to(device)
 
 
 def pipeline_key(cfg: DictConfig, device: torch.device, dtype: torch.dtype) -> str:
     """What must match for a built pipeline to be reused: the model config, device, dtype and LoRAs."""
     return (
-        OmegaConf.to_yaml(cfg.model, resolve=True) + f"{device}|{dtype}|{lora_key(cfg.get('lora'))}"
+        OmegaConf.to_yaml(cfg.model, resolve=True) + f"{device}|{dtype}|{cfg.get('offload', 'none')}"
+        + f"|{lora_key(cfg.get('lora'))}"
         + f"|{embeddings_key(cfg)}"  # textual inversion adds tokens to the tokenizers and encoders
     )
 
@@ -91,7 +100,10 @@ def get_pipeline(cfg: DictConfig, device: torch.device, dtype: torch.dtype):
     if _cache["key"] != key:
         _cache["key"], _cache["pipe"] = None, None  # drop the old pipeline before loading the next
         embeddings = read_embeddings(cfg)  # read safely and parsed before any weights load
-        pipe = load_pipeline(cfg.model, device, dtype)
+        offload = cfg.get("offload", "none")
+        if offload != "none" and device.type != "cuda":
+            raise ValueError(f"offload={offload} needs a CUDA device; this run resolved device={device.type}")
+        pipe = load_pipeline(cfg.model, device, dtype, offload)
         load_loras(pipe, get_family(cfg.model.family), cfg.get("lora"))  # into text-to-image: from_pipe shares them
         add_embeddings(pipe, cfg.model.family, embeddings)
         _cache["pipe"], _cache["key"] = pipe, key

@@ -6,7 +6,10 @@ denoiser call becomes batches of tiles (tiles x CFG batch), blended by synth.til
 per tile lives in one function per family below:
 
 - UNets (sd15, sdxl, kolors): crops; SDXL/Kolors size conditioning says "a tile_h x tile_w crop at
-  (top, left) of the full original image", consistent with the untiled call.
+  (top, left) of the full original image", consistent with the untiled call. A ControlNet (sd15, sdxl
+  refinement) is deferred: its call on the whole latent becomes a `DeferredControl`, and the tiled UNet runs
+  it per tile on the same crop of the latent and the matching crop of the condition image, so neither the
+  ControlNet nor its residuals ever run at full size.
 - SD3: the sin-cos positional embedding of the tile's own window of the full image's embedding, batched per
   tile; above the embedding's limit (pos_embed_max_size patches, 3072 px for SD3-medium) each tile takes the
   centred crop an image of its size would get.
@@ -17,7 +20,7 @@ per tile lives in one function per family below:
 from __future__ import annotations
 
 import functools
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -41,18 +44,56 @@ def denoiser_of(pipe):
     return pipe.unet if getattr(pipe, "unet", None) is not None else pipe.transformer
 
 
+@dataclass
+class DeferredControl:
+    """A ControlNet call on the whole latent, held back so that the tiled UNet runs it tile by tile."""
+
+    forward: object  # the ControlNet's own forward
+    sample: torch.Tensor
+    timestep: object
+    encoder_hidden_states: torch.Tensor
+    controlnet_cond: torch.Tensor  # the condition image, (batch, 3, height * 8, width * 8)
+    kwargs: dict  # conditioning_scale, added_cond_kwargs, ...
+
+    def run(self, chunk: list[Tile], time_ids: torch.Tensor | None):
+        """(down residuals, mid residual) of the ControlNet on these tiles, stacked tile-major like the UNet's crops."""
+        batch = self.sample.shape[0]
+        scale = self.controlnet_cond.shape[-1] // self.sample.shape[-1]  # pixels per latent pixel
+        sample = torch.cat([self.sample[(..., *tile.slices())] for tile in chunk])
+        cond = torch.cat([
+            self.controlnet_cond[..., tile.top * scale:(tile.top + tile.height) * scale,
+                                 tile.left * scale:(tile.left + tile.width) * scale]
+            for tile in chunk
+        ])
+        kwargs = _repeat(self.kwargs, batch, len(chunk))
+        if time_ids is not None:
+            kwargs["added_cond_kwargs"] = {**kwargs["added_cond_kwargs"], "time_ids": time_ids}
+        return self.forward(sample, _repeat(self.timestep, batch, len(chunk)),
+                            _repeat(self.encoder_hidden_states, batch, len(chunk)), cond, **kwargs, return_dict=False)
+
+
+def defer_controlnet(original, sample, timestep, encoder_hidden_states, controlnet_cond, conditioning_scale=1.0,
+                     guess_mode=False, return_dict=True, **kwargs):
+    """Stand-in for ControlNetModel.forward inside `tiled_denoiser`: returns the call itself, not residuals."""
+    if guess_mode:
+        raise ValueError("tiled denoising runs ControlNets per tile and does not take guess_mode; use guess_mode=false")
+    if controlnet_cond.shape[-1] % sample.shape[-1] or controlnet_cond.shape[-2] % sample.shape[-2]:
+        raise ValueError(
+            f"ControlNet condition {tuple(controlnet_cond.shape[-2:])} is not a whole multiple of the latent "
+            f"{tuple(sample.shape[-2:])}"
+        )
+    deferred = DeferredControl(original, sample, timestep, encoder_hidden_states, controlnet_cond,
+                               {"conditioning_scale": conditioning_scale, **kwargs})
+    return deferred, None  # diffusers' ControlNet pipelines unpack (down, mid) whatever return_dict says
+
+
 @contextmanager
-def tiled_denoiser(pipe, settings: TileSettings, stats: dict | None = None):
-    """Within the block, every call of the pipeline's denoiser runs tiled; `stats` counts calls and tiles."""
-    model = denoiser_of(pipe)
-    forward = {"UNet2DConditionModel": unet_forward, "SD3Transformer2DModel": sd3_forward}.get(
-        type(model).__name__, hunyuan_forward if type(model).__name__ == "HunyuanDiT2DModel" else None
-    )
-    if forward is None:
-        raise ValueError(f"no tiled denoiser for {type(model).__name__}")
-    had_own = "forward" in model.__dict__  # e.g. accelerate's offload hook: keep it and restore it
+def _patched(model, forward):
+    """model.forward replaced by forward for the block; an instance-level forward (accelerate's offload hook) is kept
+    and restored."""
+    had_own = "forward" in model.__dict__
     original = model.forward
-    model.forward = functools.partial(forward, model, original, settings, stats if stats is not None else {})
+    model.forward = forward(original)
     try:
         yield
     finally:
@@ -60,6 +101,30 @@ def tiled_denoiser(pipe, settings: TileSettings, stats: dict | None = None):
             model.forward = original
         else:
             del model.forward
+
+
+@contextmanager
+def tiled_denoiser(pipe, settings: TileSettings, stats: dict | None = None):
+    """Within the block, every call of the pipeline's denoiser runs tiled; `stats` counts calls and tiles.
+
+    A pipeline with a ControlNet (`pipe.controlnet`) has it deferred to the tiled UNet (see DeferredControl).
+    """
+    model = denoiser_of(pipe)
+    forward = {"UNet2DConditionModel": unet_forward, "SD3Transformer2DModel": sd3_forward}.get(
+        type(model).__name__, hunyuan_forward if type(model).__name__ == "HunyuanDiT2DModel" else None
+    )
+    if forward is None:
+        raise ValueError(f"no tiled denoiser for {type(model).__name__}")
+    stats = stats if stats is not None else {}
+    controlnet = getattr(pipe, "controlnet", None)
+    if controlnet is not None and type(controlnet).__name__ != "ControlNetModel":
+        raise ValueError(f"tiled denoising takes one ControlNetModel, not {type(controlnet).__name__}")
+    with ExitStack() as stack:
+        stack.enter_context(_patched(model, lambda original: functools.partial(forward, model, original, settings,
+                                                                               stats)))
+        if controlnet is not None:
+            stack.enter_context(_patched(controlnet, lambda original: functools.partial(defer_controlnet, original)))
+        yield
 
 
 def _count(stats: dict, tiles: list[Tile], batch: int) -> None:
@@ -86,8 +151,27 @@ def _refuse_residuals(kwargs: dict) -> None:
             raise ValueError(f"tiled denoising does not take ControlNet residuals ({name}); use highres.tiled=false")
 
 
+def _tile_time_ids(time_ids: torch.Tensor, chunk: list[Tile], scale: int) -> torch.Tensor:
+    """SDXL/Kolors size conditioning per tile: "a tile-sized crop at (top, left) of the full original image"."""
+    per_tile = []
+    for tile in chunk:
+        ids = time_ids.clone()
+        ids[:, 2] += tile.top * scale  # crop top-left inside the original image
+        ids[:, 3] += tile.left * scale
+        if ids.shape[1] == 6:  # (original, crop, target); the 5-column refiner form has no target
+            ids[:, 4], ids[:, 5] = tile.height * scale, tile.width * scale
+        per_tile.append(ids)
+    return torch.cat(per_tile)
+
+
 def unet_forward(model, original, settings: TileSettings, stats, sample, timestep, encoder_hidden_states, **kwargs):
-    """UNet2DConditionModel.forward over tiles; SDXL/Kolors time_ids become each tile's crop of the full image."""
+    """UNet2DConditionModel.forward over tiles; SDXL/Kolors time_ids become each tile's crop of the full image, and a
+    deferred ControlNet runs on the same tiles."""
+    control = kwargs.pop("down_block_additional_residuals", None)
+    if control is not None and not isinstance(control, DeferredControl):
+        kwargs["down_block_additional_residuals"] = control  # refused just below
+    if isinstance(control, DeferredControl) and kwargs.pop("mid_block_additional_residual", None) is not None:
+        raise ValueError("a deferred ControlNet call came with a mid-block residual of its own")
     _refuse_residuals(kwargs)
     return_dict = kwargs.pop("return_dict", True)
     height, width = sample.shape[-2:]
@@ -100,16 +184,14 @@ def unet_forward(model, original, settings: TileSettings, stats, sample, timeste
         times = len(chunk)
         call = _repeat(kwargs, batch, times)
         added = kwargs.get("added_cond_kwargs")
+        time_ids = None
         if added is not None and "time_ids" in added and len(tiles) > 1:
-            per_tile = []
-            for tile in chunk:
-                ids = added["time_ids"].clone()
-                ids[:, 2] += tile.top * scale  # crop top-left inside the original image
-                ids[:, 3] += tile.left * scale
-                if ids.shape[1] == 6:  # (original, crop, target); the 5-column refiner form has no target
-                    ids[:, 4], ids[:, 5] = tile.height * scale, tile.width * scale
-                per_tile.append(ids)
-            call["added_cond_kwargs"] = {**call["added_cond_kwargs"], "time_ids": torch.cat(per_tile)}
+            time_ids = _tile_time_ids(added["time_ids"], chunk, scale)
+            call["added_cond_kwargs"] = {**call["added_cond_kwargs"], "time_ids": time_ids}
+        if isinstance(control, DeferredControl):
+            down, mid = control.run(chunk, time_ids)
+            call["down_block_additional_residuals"], call["mid_block_additional_residual"] = down, mid
+            stats["control_calls"] = stats.get("control_calls", 0) + 1
         return original(
             crops, _repeat(timestep, batch, times), _repeat(encoder_hidden_states, batch, times),
             **call, return_dict=False,

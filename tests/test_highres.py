@@ -161,3 +161,20 @@ def test_sd15_twin_chain_to_4096(tmp_path):
 def test_stage_sizes_in_config_yaml_roundtrip():
     highres = auto(stages="[{size:128,strength:0.5}]")
     assert OmegaConf.to_container(highres.stages) == [{"size": 128, "strength": 0.5}]
+
+
+def test_tiled_true_sends_every_stage_through_the_tiler_with_the_same_pixels(tmp_path):
+    """auto tiles the stages whose latent exceeds a tile; true all of them (one tile = the plain call); false none."""
+    from synth import highres, pipelines
+
+    images, stats = {}, {}
+    for tiled in ("auto", "true", "false"):
+        cfg = compose_infer(["model=tiny_sd15", "size=256", f"highres.tiled={tiled}"], output_dir=tmp_path)
+        pipe = pipelines.get_pipeline(cfg, torch.device("cpu"), torch.float32)
+        call = {"prompt": "a", "num_inference_steps": 2, "guidance_scale": 7.5}
+        image, stats[tiled] = highres.generate(pipe, call, cfg, 256, 256, 0)
+        images[tiled] = image.tobytes()
+    assert images["auto"] == images["true"]
+    base_calls = stats["true"]["steps"] - stats["auto"]["steps"]
+    assert base_calls > 0 and stats["true"]["tiles"] - stats["auto"]["tiles"] == base_calls  # the base: one tile a call
+    assert "steps" not in stats["false"]
