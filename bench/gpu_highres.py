@@ -3,6 +3,7 @@
     python bench/gpu_highres.py                      # 1024 text-to-image, untiled 2048 (baseline), 2048 and 4096 chains
     python bench/gpu_highres.py --steps 20 --repeats 1 --sizes 2048
     python bench/gpu_highres.py --smoke              # the same code on the tiny SDXL twin on CPU (64 -> 256 px), seconds
+    python bench/gpu_highres.py --controlnet --offload   # also the 2048 chain with ControlNet tile, and with offload=model
 
 Each row: median seconds of `--repeats` runs after one warm-up (CUDA synchronised), and peak allocated memory.
 Goals on one H100: 2048 chain <= 8 s, 4096 chain <= 30 s, peak <= 24 GB. No weights are downloaded: the UNet and
@@ -14,8 +15,10 @@ diffusers' fp32 upcast (as with an fp16-fixed SDXL VAE).
 from __future__ import annotations
 
 import argparse
+import shutil
 import statistics
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -81,12 +84,24 @@ def prompt_call(pipe, device, dtype, steps: int, smoke: bool) -> dict:
     }
 
 
-def chain_config(native: int, size: int, staged: bool):
+def chain_config(native: int, size: int, staged: bool, controlnet_path: str | None = None, offload: str = "none"):
     highres = OmegaConf.load(ROOT / "conf" / "highres" / ("auto.yaml" if staged else "none.yaml"))
+    control = OmegaConf.load(ROOT / "conf" / "controlnet" / ("tile.yaml" if controlnet_path else "none.yaml"))
+    if controlnet_path:
+        control.path = controlnet_path
     return OmegaConf.create({
-        "model": {"family": "sdxl", "native_size": native}, "highres": highres,
-        "init_image": None, "denoise_strength": 0.75, "size": size,
+        "model": {"family": "sdxl", "native_size": native}, "highres": highres, "controlnet": control,
+        "offload": offload, "init_image": None, "denoise_strength": 0.75, "size": size,
     })
+
+
+def controlnet_folder(pipe, scratch: Path) -> str:
+    """A ControlNet of the benchmark UNet's shape (SDXL-sized: ~1.25 B parameters), saved where from_pretrained reads it."""
+    from synth.twins_controlnet import build_controlnet_twin
+
+    unet_dir = scratch / "unet"
+    pipe.unet.save_pretrained(unet_dir)
+    return str(build_controlnet_twin(unet_dir, scratch / "controlnet-tile"))
 
 
 def measure(run, device, repeats: int) -> tuple[float, float]:
@@ -112,6 +127,8 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--sizes", type=int, nargs="+", default=[2048, 4096], help="chain sizes (x native/1024 in --smoke)")
     parser.add_argument("--smoke", action="store_true", help="tiny SDXL twin on CPU: checks the script, not the goals")
+    parser.add_argument("--controlnet", action="store_true", help="also the 2048 chain with controlnet=tile")
+    parser.add_argument("--offload", action="store_true", help="also the 2048 chain with offload=model (runs last)")
     args = parser.parse_args()
 
     from synth import highres
@@ -122,8 +139,8 @@ def main() -> None:
     pipe = build_pipeline(device, dtype, args.smoke)
     call = prompt_call(pipe, device, dtype, args.steps, args.smoke)
 
-    def run_at(size: int, staged: bool):
-        cfg = chain_config(native, size, staged)
+    def run_at(size: int, staged: bool, **options):
+        cfg = chain_config(native, size, staged, **options)
         call_at = {**call, "width": size, "height": size}
         return lambda: highres.generate(pipe, call_at, cfg, size, size, seed=0)
 
@@ -132,16 +149,28 @@ def main() -> None:
     if 2048 in args.sizes:
         rows.append(("untiled (baseline)", int(2048 * scale), run_at(int(2048 * scale), False)))
     rows += [("chain", int(size * scale), run_at(int(size * scale), True)) for size in args.sizes]
+    scratch = Path(tempfile.mkdtemp(prefix="gpu-highres-"))
+    if args.controlnet:
+        path = controlnet_folder(pipe, scratch)
+        rows.append(("chain + ControlNet", int(2048 * scale), run_at(int(2048 * scale), True, controlnet_path=path)))
+    if args.offload:
+        def offloaded():
+            if getattr(pipe.unet, "_hf_hook", None) is None:
+                pipe.enable_model_cpu_offload(device=device)
+            return run_at(int(2048 * scale), True, offload="model")()
+
+        rows.append(("chain, offload=model", int(2048 * scale), offloaded))
     name = torch.cuda.get_device_name() if device.type == "cuda" else "CPU (smoke)"
     print(f"{name}, {str(dtype).removeprefix('torch.')}, {args.steps} steps, median of {args.repeats} after a warm-up")
-    print(f"{'run':<20} {'size':>6} {'seconds':>8} {'peak GB':>8}")
+    print(f"{'run':<22} {'size':>6} {'seconds':>8} {'peak GB':>8}")
     for label, size, run in rows:
         try:
             seconds, peak = measure(run, device, args.repeats)
-            print(f"{label:<20} {size:>6} {seconds:>8.2f} {peak:>8.2f}", flush=True)
+            print(f"{label:<22} {size:>6} {seconds:>8.2f} {peak:>8.2f}", flush=True)
         except torch.OutOfMemoryError:
-            print(f"{label:<20} {size:>6} {'OOM':>8}", flush=True)
+            print(f"{label:<22} {size:>6} {'OOM':>8}", flush=True)
             torch.cuda.empty_cache()
+    shutil.rmtree(scratch, ignore_errors=True)
 
 
 if __name__ == "__main__":
