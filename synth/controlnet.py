@@ -10,6 +10,7 @@ alongside the UNet. `check_controlnet` needs no torch, so bad input fails before
 from __future__ import annotations
 
 import logging
+import os
 from pathlib import Path
 
 from synth.families import get_family
@@ -91,6 +92,14 @@ def check_controlnet(cfg, width: int, height: int) -> None:
                 raise FileNotFoundError(f"controlnet.{key}={path}: folder has no {marker}")
         elif not HUB_ID.match(str(path)):
             raise ValueError(f"controlnet.{key}={path}: neither an existing local folder nor a hub id like 'owner/name'")
+        elif os.environ.get("HF_HUB_OFFLINE", "0").lower() not in ("0", "false", "no", ""):
+            from huggingface_hub import try_to_load_from_cache
+
+            if not isinstance(try_to_load_from_cache(str(path), marker), str):
+                raise FileNotFoundError(
+                    f"controlnet.{key}={path}: {marker} is not available offline (HF_HUB_OFFLINE is set); download "
+                    f"it first or point controlnet.{key} at a local folder"
+                )
 
 
 def ensure_twins(cfg) -> None:

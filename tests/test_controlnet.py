@@ -133,6 +133,8 @@ def test_init_image_refinement_at_native_size_uses_the_controlnet(tmp_path):
          "neither an existing local folder nor a hub id"),
         (["model=tiny_sd15", "size=256", "controlnet=lineart", "controlnet.detect_resolution=8"],
          "detect_resolution=8: must be an integer in [64, 4096]"),
+        (["model=sd15", "size=1024", "controlnet=tile"],  # conftest sets HF_HUB_OFFLINE
+         "controlnet.path=lllyasviel/control_v11f1e_sd15_tile: config.json is not available offline"),
     ],
 )
 def test_bad_controlnet_input_is_refused_before_loading(overrides, message):
@@ -149,6 +151,17 @@ def test_controlnet_folder_without_config(tmp_path):
     (tmp_path / "cn").mkdir()
     with pytest.raises(FileNotFoundError, match="folder has no config.json"):
         check_inputs(compose_infer(["model=sd15", "size=1024", "controlnet=tile", f"controlnet.path={tmp_path / 'cn'}"]))
+
+
+def test_offline_annotator_is_refused_before_loading(tmp_path):
+    from synth.config import check_inputs
+
+    (tmp_path / "cn").mkdir()
+    (tmp_path / "cn" / "config.json").write_text("{}")
+    cfg = compose_infer(["model=sd15", "size=1024", "controlnet=lineart", f"controlnet.path={tmp_path / 'cn'}",
+                         "controlnet.coarse=true"])
+    with pytest.raises(FileNotFoundError, match="annotator=lllyasviel/Annotators: sk_model2.pth is not available"):
+        check_inputs(cfg)
 
 
 def test_cli_unknown_controlnet_and_wrong_family(tmp_path):
