@@ -4,14 +4,31 @@
     python bench/highres.py --sizes 64 128  # fewer sizes
 
 FLOPs are counted with torch.utils.flop_counter.FlopCounterMode on the meta device (no compute, so the untiled
-512-latent UNet with its 262k-token attention is counted too). Peak memory is measured in a fresh subprocess
-per size (the tiny SD1.5 twin's UNet, one tile per call, so every call is the same 2 x 64 x 64 batch at every
-size): resident memory sampled every 2 ms during one tiled denoiser call, minus the memory before it.
+512-latent UNet with its 262k-token attention is counted too).
+
+Memory is measured in a fresh subprocess per size, on one thread, with the tiny SD1.5 twin's UNet and one tile
+per call (every UNet call is the same 2 x 64 x 64 batch at every size). It is exact tensor memory, not RSS:
+torch.profiler (profile_memory=True) records every CPU tensor allocation and free with the allocator's running
+total of live bytes, and the peak is the largest total during one tiled denoiser call minus the total at its
+start; the input latent, text embeddings and model weights exist before the call and are not in it. All
+columns are taken at the moment of that peak; B = 2 (CFG rows), C = 4 (latent channels), H = W = latent side:
+
+    peak     every live tensor byte the call allocated
+    buffers  the latent-sized ones, subtracted, each only if live at the peak: the blend's float64 accumulator
+             (B*C*H*W*8 bytes; a tensor allocated outside the UNet with exactly that size) and the returned
+             prediction (B*C*H*W*4 bytes; found by its address)
+    beyond   peak - buffers: everything else, whatever grows with the latent included (crops, weights, normalisers)
+    UNet     the part of the peak allocated inside UNet calls (activations, the previous tile's prediction)
+    RSS      resident memory sampled every 2 ms during an earlier unprofiled call, minus before it: allocator and
+             library caches included, for reference only
+
+Flatness: +-(max - min) / (max + min) of "beyond" over the sizes (goal: within +-10%).
 """
 
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import os
 import subprocess
@@ -28,6 +45,7 @@ import torch
 from synth.tiling import area_overhead, tile_layout
 
 TILE, OVERLAP, BATCH, STEPS = 64, 8, 4, 30  # SD1.5 defaults: native latent tile, 1/8 overlap; a 30-step pass
+UNET_SCOPE = "bench/unet"  # profiler range around each UNet call: tells the UNet's allocations from the blend's
 
 
 def twin_folder(preset: str) -> Path:
@@ -65,16 +83,33 @@ def flop_ratio(latent: int) -> float:
     return counts[1] / counts[0]
 
 
-def peak_child(latent: int) -> None:
-    """Run in a subprocess: print the peak extra resident memory (MiB) of one tiled denoiser call."""
+def live_allocations(prof) -> list[tuple[int, int, int, int, bool]]:
+    """A profile's CPU tensor allocations and frees in time order: (ns, address, bytes (< 0: a free), live bytes, in_unet).
+
+    "live bytes" is the CPU allocator's own running total after the event (ProfiledCPUMemoryReporter), counting only
+    tensors allocated while profiling; in_unet says the event ran inside a UNET_SCOPE range.
+    """
+    from torch._C._profiler import _EventType
+
+    events, pending = [], [(root, False) for root in prof.profiler.kineto_results.experimental_event_tree()]
+    while pending:
+        event, in_unet = pending.pop()
+        in_unet = in_unet or event.name == UNET_SCOPE
+        if event.tag == _EventType.Allocation and event.extra_fields.device.type == "cpu":
+            fields = event.extra_fields
+            events.append((event.start_time_ns, fields.ptr, fields.alloc_size, fields.total_allocated, in_unet))
+        pending.extend((child, in_unet) for child in event.children)
+    events.sort()
+    for before, after in itertools.pairwise(events):  # the time order must replay the allocator's own total exactly
+        if after[3] != before[3] + after[2]:
+            raise RuntimeError(f"allocation events out of order at {after[0]} ns: the peak would not be exact")
+    return events
+
+
+def rss_peak(call) -> tuple[float, float]:
+    """(peak extra resident MiB sampled every 2 ms, seconds) of call(): the process's footprint, allocator included."""
     import psutil
-    from diffusers import UNet2DConditionModel
 
-    from synth.tiled_denoiser import TileSettings, unet_forward
-
-    torch.set_num_threads(1)
-    unet = UNet2DConditionModel.from_pretrained(twin_folder("tiny"), subfolder="unet").eval()
-    sample, timestep, text = unet_inputs(unet, latent)
     process = psutil.Process()
     baseline = peak = process.memory_info().rss
     done = False
@@ -88,19 +123,72 @@ def peak_child(latent: int) -> None:
     watcher = threading.Thread(target=sample_rss)
     watcher.start()
     start = time.perf_counter()
-    with torch.no_grad():
-        out = unet_forward(unet, unet.forward, TileSettings(TILE, OVERLAP, 1), {}, sample, timestep, text,
-                           return_dict=False)[0]
+    call()
     seconds = time.perf_counter() - start
     done = True
     watcher.join()
-    buffers = out.numel() * out.element_size() * 3  # output, float64 accumulator (2x)
-    print(json.dumps({"peak_mib": (peak - baseline) / 2**20, "buffers_mib": buffers / 2**20, "seconds": seconds}))
+    return (peak - baseline) / 2**20, seconds
+
+
+def peak_child(latent: int) -> None:
+    """Run in a subprocess: print (JSON, MiB) the tensor-memory peak of one tiled denoiser call and what is live then."""
+    from diffusers import UNet2DConditionModel
+    from torch.profiler import ProfilerActivity, profile, record_function
+
+    from synth.tiled_denoiser import TileSettings, unet_forward
+
+    torch.set_num_threads(1)  # one thread: allocations happen one after another, as the events replay them
+    unet = UNet2DConditionModel.from_pretrained(twin_folder("tiny"), subfolder="unet").eval()
+    sample, timestep, text = unet_inputs(unet, latent)
+
+    def labelled_unet(*args, **kwargs):
+        with record_function(UNET_SCOPE):
+            return unet.forward(*args, **kwargs)
+
+    def denoise() -> torch.Tensor:
+        with torch.no_grad():
+            return unet_forward(unet, labelled_unet, TileSettings(TILE, OVERLAP, 1), {}, sample, timestep, text,
+                                return_dict=False)[0]
+
+    # 1. Resident memory and time, unprofiled; this first call also makes the UNet's one-time allocations
+    rss_mib, seconds = rss_peak(denoise)
+    # 2. The same call again, with every CPU tensor allocation and free recorded
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        out = denoise()
+    events = live_allocations(prof)
+    baseline = events[0][3] - events[0][2]
+    peak_at = max(range(len(events)), key=lambda i: events[i][3])
+    # 3. Which tensors are live at the peak
+    live = {}
+    for _, address, size, _, in_unet in events[: peak_at + 1]:
+        if size > 0:
+            live[address] = (size, in_unet)
+        else:
+            del live[address]
+    peak = events[peak_at][3] - baseline
+    assert sum(size for size, _ in live.values()) == peak
+    # 4. The latent-sized buffers among them: the returned prediction (found by its address, allocated before the
+    # peak and never freed) and the blend's float64 accumulator (allocated outside the UNet, exactly its size)
+    out_allocated_at = max(i for i, event in enumerate(events) if event[1] == out.data_ptr() and event[2] > 0)
+    output = out.numel() * out.element_size() if out_allocated_at <= peak_at else 0
+    accumulators = [size for size, in_unet in live.values() if not in_unet and size == out.numel() * 8]
+    if len(accumulators) > 1:
+        raise RuntimeError(f"{len(accumulators)} live blend tensors of the accumulator's size: cannot tell which")
+    mib = 2**-20
+    print(json.dumps({
+        "peak_mib": peak * mib,
+        "output_mib": output * mib,
+        "accumulator_mib": sum(accumulators) * mib,
+        "unet_mib": sum(size for size, in_unet in live.values() if in_unet) * mib,
+        "blend_mib": sum(size for size, in_unet in live.values() if not in_unet) * mib,
+        "rss_mib": rss_mib,
+        "seconds": seconds,
+    }))
 
 
 def peak_memory(latent: int) -> dict:
     result = subprocess.run([sys.executable, __file__, "--child", str(latent)], capture_output=True, text=True,
-                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+                            check=False, env={**os.environ, "OMP_NUM_THREADS": "1"})
     if result.returncode:
         raise RuntimeError(result.stderr[-2000:])
     return json.loads(result.stdout.strip().splitlines()[-1])
@@ -144,21 +232,24 @@ def main() -> None:
         return peak_child(args.child)
 
     print(f"tile {TILE}, overlap {OVERLAP}, {BATCH} tiles per call (x2 CFG), {STEPS}-step pass; FLOPs: small_sd15 twin's "
-          "UNet; memory and s/tile: tiny_sd15 twin's UNet, one tile per call")
+          "UNet; memory and s/tile: tiny_sd15 twin's UNet, one tile per call; memory columns in MiB, exact tensor bytes "
+          "at the peak of one tiled call except RSS (see --help)")
     header = f"{'latent':>6} {'pixels':>6} {'tiles/step':>10} {'calls/image':>11} {'area':>6} {'FLOPs t/u':>9} " \
-             f"{'peak MiB':>9} {'buffers MiB':>11} {'s/tile':>7}"
+             f"{'peak MiB':>9} {'buffers':>8} {'beyond':>7} {'UNet':>6} {'RSS MiB':>8} {'s/tile':>7}"
     print(header)
-    peaks = []
+    beyond = []
     for latent in args.sizes:
         tiles = tile_layout(latent, latent, TILE, OVERLAP)
         calls = STEPS * -(-len(tiles) // BATCH)
         memory = peak_memory(latent)
-        peaks.append(memory["peak_mib"] - memory["buffers_mib"])
+        buffers = memory["accumulator_mib"] + memory["output_mib"]
+        beyond.append(memory["peak_mib"] - buffers)
         print(f"{latent:>6} {latent * 8:>6} {len(tiles):>10} {calls:>11} {area_overhead(tiles, latent, latent):>6.3f} "
-              f"{flop_ratio(latent):>9.3f} {memory['peak_mib']:>9.1f} {memory['buffers_mib']:>11.1f} "
-              f"{memory['seconds'] / len(tiles):>7.3f}")
-    spread = (max(peaks) - min(peaks)) / (sum(peaks) / len(peaks))
-    print(f"peak beyond buffers: {min(peaks):.1f}..{max(peaks):.1f} MiB, mean +-{50 * spread:.1f}% (goal: within +-10%)")
+              f"{flop_ratio(latent):>9.3f} {memory['peak_mib']:>9.2f} {buffers:>8.2f} {beyond[-1]:>7.2f} "
+              f"{memory['unet_mib']:>6.2f} {memory['rss_mib']:>8.1f} {memory['seconds'] / len(tiles):>7.3f}")
+    spread = (max(beyond) - min(beyond)) / (max(beyond) + min(beyond))
+    print(f"peak beyond buffers: {min(beyond):.2f}..{max(beyond):.2f} MiB, +-{100 * spread:.1f}% as (max - min) / "
+          f"(max + min) (goal: within +-10%)")
     vae = vae_comparison()
     print(
         f"VAE decode, 768 px smooth latent, 256 px tiles: max |err| on the 1/8 mean-pooled image vs untiled: "

@@ -72,22 +72,46 @@ def edge_ramp(start: int, size: int, length: int, ramp: int) -> torch.Tensor:
     return torch.sin(torch.pi / 2 * (distance / max(ramp, 1)).clamp(max=1)) ** 2
 
 
-def tile_weight(tile: Tile, height: int, width: int, ramp: int) -> torch.Tensor:
-    """Unnormalised (tile.height, tile.width) blend weight: the outer product of the two edge ramps."""
-    rows = edge_ramp(tile.top, tile.height, height, ramp)
-    columns = edge_ramp(tile.left, tile.width, width, ramp)
+def blend_totals(tiles: list[Tile], height: int, width: int, ramp: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The blend's normaliser: the sums of the tiles' edge ramps down the rows (height,) and across the columns (width,).
+
+    The tiles must form a grid, every pair of a row band and a column band, as tile_layout makes them. A tile's
+    weight is the outer product of its two ramps, so the sum of all weights at a pixel is
+    row_total[row] * column_total[column]: normalising needs two float64 vectors, not a latent-sized map.
+    """
+    bands = sorted({(tile.top, tile.height) for tile in tiles})
+    columns = sorted({(tile.left, tile.width) for tile in tiles})
+    grid = {Tile(top, left, tile_height, tile_width) for top, tile_height in bands for left, tile_width in columns}
+    if len(tiles) != len(grid) or set(tiles) != grid:
+        raise ValueError(
+            f"{len(tiles)} tiles are not a grid of {len(bands)} row bands x {len(columns)} column bands, "
+            "each pair once (as tile_layout makes them)"
+        )
+    row_total = torch.zeros(height, dtype=torch.float64)
+    for top, tile_height in bands:
+        row_total[top : top + tile_height] += edge_ramp(top, tile_height, height, ramp)
+    column_total = torch.zeros(width, dtype=torch.float64)
+    for left, tile_width in columns:
+        column_total[left : left + tile_width] += edge_ramp(left, tile_width, width, ramp)
+    if (row_total == 0).any() or (column_total == 0).any():
+        raise ValueError(f"tiles leave latent pixels uncovered for a {height}x{width} latent")
+    return row_total, column_total
+
+
+def blend_weight(
+    tile: Tile, height: int, width: int, ramp: int, totals: tuple[torch.Tensor, torch.Tensor]
+) -> torch.Tensor:
+    """The tile's (tile.height, tile.width) float64 weight, normalised by blend_totals: all tiles sum to 1 everywhere."""
+    row_total, column_total = totals
+    rows = edge_ramp(tile.top, tile.height, height, ramp) / row_total[tile.top : tile.top + tile.height]
+    columns = edge_ramp(tile.left, tile.width, width, ramp) / column_total[tile.left : tile.left + tile.width]
     return rows[:, None] * columns[None, :]
 
 
 def blend_weights(tiles: list[Tile], height: int, width: int, ramp: int) -> list[torch.Tensor]:
     """Per-tile weights normalised so that they sum to 1 at every latent pixel (float64)."""
-    total = torch.zeros(height, width, dtype=torch.float64)
-    raw = [tile_weight(tile, height, width, ramp) for tile in tiles]
-    for tile, weight in zip(tiles, raw):
-        total[tile.slices()] += weight
-    if (total == 0).any():
-        raise ValueError(f"tiles leave latent pixels uncovered for a {height}x{width} latent")
-    return [weight / total[tile.slices()] for tile, weight in zip(tiles, raw)]
+    totals = blend_totals(tiles, height, width, ramp)
+    return [blend_weight(tile, height, width, ramp, totals) for tile in tiles]
 
 
 def tiled_apply(
@@ -101,12 +125,15 @@ def tiled_apply(
 
     fn must return (k*B, C', h, w) in the same order. One tile covering x is a plain fn call (bitwise untiled).
     Predictions are accumulated in float64 (float32 on MPS, which has no float64) and returned in fn's dtype:
-    the blend adds no rounding of its own beyond the final cast.
+    the blend adds no rounding of its own beyond the final cast. Besides fn's own memory, the blend holds the
+    accumulator (B x C' x H x W, 8 bytes each; the returned prediction beside it at the end), one batch of tiles
+    (crops, weights, weighted predictions) and two normalising vectors: each tile's weight is made when it is
+    added, so no latent-sized weight map exists.
     """
     if len(tiles) == 1 and (tiles[0].height, tiles[0].width) == tuple(x.shape[-2:]):
         return fn(tiles, x)
     height, width = x.shape[-2:]
-    weights = blend_weights(tiles, height, width, ramp)
+    totals = blend_totals(tiles, height, width, ramp)
     accumulate = torch.float32 if x.device.type == "mps" else torch.float64
     out = None
     for first in range(0, len(tiles), batch_size):
@@ -116,8 +143,9 @@ def tiled_apply(
         if out is None:
             out = torch.zeros((x.shape[0], pred.shape[1], height, width), dtype=accumulate, device=pred.device)
             out_dtype = pred.dtype
-        for tile, weight, tile_pred in zip(batch, weights[first:], pred.chunk(len(batch))):
-            out[(..., *tile.slices())] += tile_pred.to(accumulate) * weight.to(out.device, accumulate)
+        for tile, tile_pred in zip(batch, pred.chunk(len(batch))):
+            weight = blend_weight(tile, height, width, ramp, totals).to(out.device, accumulate)
+            out[(..., *tile.slices())] += tile_pred.to(accumulate) * weight
     return out.to(out_dtype)
 
 
