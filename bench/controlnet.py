@@ -68,13 +68,11 @@ def peak_child(args, name) -> None:
         peak = torch.cuda.max_memory_allocated() - base
     else:  # exact: the profiler's allocation events, as bench/highres.py reads them
         sys.path.insert(0, str(ROOT / "bench"))
-        from highres import live_allocations
+        from highres import allocation_peak, live_allocations
 
         with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], profile_memory=True) as prof:
             run()
-        events = live_allocations(prof)
-        start = events[0][3] - events[0][2]  # live bytes before the first event
-        peak = max(event[3] for event in events) - start
+        _, peak = allocation_peak(live_allocations(prof))
     print(json.dumps({"peak_mib": peak / 2**20}))
 
 

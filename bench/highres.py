@@ -106,6 +106,13 @@ def live_allocations(prof) -> list[tuple[int, int, int, int, bool]]:
     return events
 
 
+def allocation_peak(events) -> tuple[int, int]:
+    """(index of the event at the peak, live bytes then minus those live before the first event) of live_allocations."""
+    before = events[0][3] - events[0][2]
+    peak_at = max(range(len(events)), key=lambda i: events[i][3])
+    return peak_at, events[peak_at][3] - before
+
+
 def rss_peak(call) -> tuple[float, float]:
     """(peak extra resident MiB sampled every 2 ms, seconds) of call(): the process's footprint, allocator included."""
     import psutil
@@ -156,8 +163,7 @@ def peak_child(latent: int) -> None:
     with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
         out = denoise()
     events = live_allocations(prof)
-    baseline = events[0][3] - events[0][2]
-    peak_at = max(range(len(events)), key=lambda i: events[i][3])
+    peak_at, peak = allocation_peak(events)
     # 3. Which tensors are live at the peak
     live = {}
     for _, address, size, _, in_unet in events[: peak_at + 1]:
@@ -165,7 +171,6 @@ def peak_child(latent: int) -> None:
             live[address] = (size, in_unet)
         else:
             del live[address]
-    peak = events[peak_at][3] - baseline
     assert sum(size for size, _ in live.values()) == peak
     # 4. The latent-sized buffers among them: the returned prediction (found by its address, allocated before the
     # peak and never freed) and the blend's float64 accumulator (allocated outside the UNet, exactly its size)
