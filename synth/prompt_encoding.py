@@ -88,14 +88,35 @@ def encode_clip(tokenizer, encoder, text: str, count: int, hidden_layer: int | N
     states = output[0] if hidden_layer is None else output.hidden_states[hidden_layer]
     pooled = output[0][:1] if output[0].ndim == 2 else None  # CLIPTextModelWithProjection: text_embeds
     if any(weight != 1.0 for weight in weights):
-        # A1111's emphasis: scale each token's state by its weight, then restore the overall mean.
-        scale = torch.ones(states.shape[:2], dtype=states.dtype, device=states.device)
+        scale = torch.ones(states.shape[:2], dtype=torch.float64, device=states.device)
         for index, chunk in enumerate(_chunks(weights, size)):
-            scale[index, 1 : 1 + len(chunk)] = torch.tensor(chunk, dtype=states.dtype)
-        mean = states.mean()
-        states = states * scale[..., None]
-        states = states * (mean / states.mean())
+            scale[index, 1 : 1 + len(chunk)] = torch.tensor(chunk, dtype=torch.float64)
+        states = emphasise(states, scale)
     return states.reshape(1, -1, states.shape[-1]).to(encoder.dtype), pooled
+
+
+# Below this share of the states' mean magnitude a chunk's mean counts as zero: restoring it would divide by
+# (nearly) nothing. Layer-normed CLIP outputs (SD1.x) have means of a few 1e-3 of their magnitude on real weights.
+MEAN_FLOOR = 1e-4
+
+
+def emphasise(states: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """A1111's emphasis on (chunks, 77, width) states: scale each token by its weight, then per chunk multiply by
+    old mean / new mean so the chunk keeps its overall mean (modules/sd_hijack_clip.py, process_tokens).
+
+    A1111 divides by the weighted chunk's mean unguarded; where that mean is near zero or has the other sign
+    than the unweighted one, the ratio explodes or flips every state. synth then keeps the weighted states
+    as they are (no restore) for that chunk, which is ComfyUI's plain weighting. Computed in float64, so
+    the outcome never hangs on float32 rounding order.
+    """
+    original = states.double()
+    weighted = original * scale[..., None]
+    old_mean = original.mean(dim=(1, 2), keepdim=True)
+    new_mean = weighted.mean(dim=(1, 2), keepdim=True)
+    floor = MEAN_FLOOR * weighted.abs().mean(dim=(1, 2), keepdim=True)
+    safe = (new_mean.abs() > floor) & (old_mean.abs() > floor) & (old_mean * new_mean > 0)
+    ratio = torch.where(safe, old_mean / torch.where(safe, new_mean, torch.ones_like(new_mean)), torch.ones_like(new_mean))
+    return (weighted * ratio).to(states.dtype)
 
 
 def encode_sd15(pipe, prompt: str, negative: str, guidance: bool, model_cfg) -> dict:
