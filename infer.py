@@ -1,14 +1,13 @@
 """Generate images: python infer.py model=sd15 prompt="a red car" [size=1024] [seed=3] [-m seed=0,1,2,3]."""
 
-import sys
-
 import hydra
 from hydra.core.hydra_config import HydraConfig
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
-from synth.entry import check_group_choices, run_task
+from synth.entry import run_entry_point, run_task
 
 GROUPS = ("model", "scheduler", "highres", "controlnet", "prompter", "lora", "logger")
+TEXT_KEYS = ("prompt", "negative_prompt")  # taken as typed: commas, quotes, any script (synth/cli_args.py)
 
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="infer")
@@ -18,10 +17,12 @@ def main(cfg: DictConfig) -> None:
     if cfg.replay:
         from synth.replay import replay_config
 
-        cfg = run_task(lambda c: replay_config(c, list(HydraConfig.get().overrides.task)), cfg)
+        overrides = OmegaConf.to_container(HydraConfig.get().overrides.task, resolve=False)  # a prompt's ${ stays text
+        cfg = run_task(lambda c: replay_config(c, overrides), cfg)
+        if cfg is None:  # a multirun job whose replay failed: already logged and marked
+            return
     run_task(infer, cfg)
 
 
 if __name__ == "__main__":
-    check_group_choices(sys.argv[1:], GROUPS)
-    main()
+    run_entry_point(main, "infer.py", GROUPS, text_keys=TEXT_KEYS)

@@ -5,6 +5,7 @@ Nothing here imports torch or diffusers, so a bad command line fails in well und
 
 from __future__ import annotations
 
+import math
 import os
 import re
 from pathlib import Path
@@ -29,6 +30,39 @@ def cache_dir() -> str:
 
 if not OmegaConf.has_resolver("synth_cache"):
     OmegaConf.register_new_resolver("synth_cache", cache_dir)
+
+_run_files: dict[tuple[str, str], str] = {}  # (run folder, job number) -> the subfolder this process claimed
+
+
+def run_files_subdir(*, _root_: DictConfig) -> str:
+    """hydra.output_subdir: where Hydra writes a run's config.yaml, hydra.yaml and overrides.yaml.
+
+    Hydra always writes them to <run folder>/.hydra, so a second run into one folder replaced the first
+    run's; here the first run gets .hydra and each later one the next free .hydra-1, .hydra-2, ... Hydra
+    reads this key twice before writing, hence the memo; the folder is claimed with mkdir, so two runs
+    started at once cannot pick the same name.
+    """
+    output_dir = OmegaConf.select(_root_, "hydra.runtime.output_dir", default=None, throw_on_missing=False)
+    if not output_dir:  # not inside a job (--cfg, --help): nothing is written, nothing to claim
+        return ".hydra"
+    key = (str(output_dir), str(OmegaConf.select(_root_, "hydra.job.num", default="", throw_on_missing=False)))
+    if key not in _run_files:
+        Path(output_dir).mkdir(parents=True, exist_ok=True)
+        for number in range(100_000):
+            name = ".hydra" if number == 0 else f".hydra-{number}"
+            try:
+                (Path(output_dir) / name).mkdir()
+                break
+            except FileExistsError:
+                continue
+        else:
+            raise FileExistsError(f"{output_dir}: no free .hydra-<n> folder name")
+        _run_files[key] = name
+    return _run_files[key]
+
+
+if not OmegaConf.has_resolver("synth_run_files"):
+    OmegaConf.register_new_resolver("synth_run_files", run_files_subdir)
 
 
 def parse_size(size, native_size: int) -> tuple[int, int]:
@@ -86,11 +120,47 @@ def check_model_path(model_cfg: DictConfig) -> None:
     if local.exists():
         if not (local / "model_index.json").is_file():
             raise ValueError(f"model.path={path}: folder has no model_index.json (not a diffusers pipeline folder)")
+        check_no_pickles(path, local)
         return
     if not HUB_ID.match(path):
         raise ValueError(
             f"model.path={path}: neither an existing local path nor a hub id like 'owner/name'"
         )
+
+
+PICKLED = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
+
+
+def check_no_pickles(path: str, folder: Path) -> None:
+    """A diffusers folder whose component holds weights only as pickles is refused: synth loads folders with
+    use_safetensors=True (synth.pipelines), so diffusers never unpickles them, and this says so before loading."""
+    for component in sorted(p for p in folder.iterdir() if p.is_dir()):
+        files = [p for p in component.iterdir() if p.is_file()]
+        pickled = sorted(p.name for p in files if p.suffix.lower() in PICKLED)
+        if pickled and not any(p.suffix.lower() == ".safetensors" for p in files):
+            raise ValueError(
+                f"model.path={path}: {component.name}/ holds only pickled weights ({pickled[0]}); synth loads "
+                ".safetensors weights only (pickles can run arbitrary code when loaded): convert them to .safetensors"
+            )
+
+
+def check_finite(cfg: DictConfig, prefix: str = "") -> None:
+    """Every float in the config is finite: nan or inf in any knob would end in a black image with exit 0."""
+    from omegaconf import ListConfig
+
+    keys = list(cfg.keys()) if isinstance(cfg, DictConfig) else range(len(cfg))
+    for key in keys:
+        if prefix == "" and key == "hydra":
+            continue
+        try:
+            value = cfg[key]
+        except Exception:  # noqa: BLE001 (an interpolation that cannot resolve here, e.g. ${hydra:...} in tests)
+            continue
+        name = f"{prefix}[{key}]" if isinstance(cfg, ListConfig) else f"{prefix}{'.' if prefix else ''}{key}"
+        if isinstance(value, (DictConfig, ListConfig)):
+            check_finite(value, name)
+        elif isinstance(value, float) and not math.isfinite(value):
+            raise ValueError(f"{name}={value}: must be a finite number (nan and inf are refused)")
 
 
 def check_offline(model_cfg: DictConfig) -> None:
@@ -115,21 +185,16 @@ def offline_error(path: str) -> FileNotFoundError:
 
 
 def check_init_image(path: str) -> tuple[int, int]:
-    """The init image must exist and decode; returns its (width, height)."""
-    from PIL import Image, UnidentifiedImageError
+    """The init image must exist and decode completely; returns its (width, height) as a viewer shows it
+    (after EXIF rotation: a portrait photo is portrait)."""
+    from synth.images import open_image_as_viewed
 
-    if not Path(path).expanduser().is_file():
-        raise FileNotFoundError(f"init_image={path}: no such file")
-    try:
-        with Image.open(Path(path).expanduser()) as image:
-            image.load()
-            return image.size
-    except (UnidentifiedImageError, OSError, SyntaxError) as error:
-        raise ValueError(f"init_image={path}: not a readable image ({error})") from None
+    return open_image_as_viewed(path, "init_image").size
 
 
 def check_inputs(cfg: DictConfig) -> tuple[int, int]:
     """Validate an infer config before anything heavy runs; returns (width, height)."""
+    check_finite(cfg)  # first: a nan fails every comparison below, so `nan < 0` would let it through
     model = cfg.model
     family = get_family(model.family)
     scheduler = cfg.scheduler
@@ -155,8 +220,8 @@ def check_inputs(cfg: DictConfig) -> tuple[int, int]:
     if not isinstance(cfg.num_images, int) or cfg.num_images < 1:
         raise ValueError(f"num_images={cfg.num_images}: must be an integer >= 1")
     guidance = cfg.guidance_scale if cfg.guidance_scale is not None else model.guidance_scale
-    if not isinstance(guidance, (int, float)) or guidance < 0:
-        raise ValueError(f"guidance_scale={guidance}: must be a number >= 0")
+    if isinstance(guidance, bool) or not isinstance(guidance, (int, float)) or not 0 <= guidance < math.inf:
+        raise ValueError(f"guidance_scale={guidance}: must be a finite number >= 0")
     if not isinstance(cfg.seed, int) or isinstance(cfg.seed, bool) or not 0 <= cfg.seed < 2**63:
         raise ValueError(f"seed={cfg.seed}: must be an integer in [0, 2**63)")
     width, height = parse_size(cfg.size, model.native_size)

@@ -64,8 +64,8 @@ def check_controlnet(cfg, width: int, height: int) -> None:
             "ask for a size above the native size (with highres=auto), give highres.stages, or an init_image"
         )
     scale = control.get("conditioning_scale", 1.0)
-    if isinstance(scale, bool) or not isinstance(scale, (int, float)) or scale < 0:
-        raise ValueError(f"controlnet.conditioning_scale={scale}: must be a number >= 0")
+    if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not 0 <= scale < float("inf"):
+        raise ValueError(f"controlnet.conditioning_scale={scale}: must be a number >= 0 (and finite)")
     start, end = control.get("guidance_start", 0.0), control.get("guidance_end", 1.0)
     for key, value in (("guidance_start", start), ("guidance_end", end)):
         if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value <= 1:

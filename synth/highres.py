@@ -201,7 +201,11 @@ def generate(pipe, call: dict, cfg, width: int, height: int, seed: int, out_dir=
     if not staged(highres) or (
         len(plan) == 1 and not control and not needs_tiling(highres, model, family.name, width, height)
     ):
-        return pipe(**call, generator=generator).images[0], stats  # at or below native size: as diffusers does it
+        # at or below native size: as diffusers does it; "np" and then numpy_to_pil is what "pil" does, bit for bit,
+        # with a look at the pixels in between
+        pixels = pipe(**call, generator=generator, output_type="np", callback_on_step_end=stop_on_nonfinite()).images
+        check_finite_pixels(pixels)
+        return pipe.image_processor.numpy_to_pil(pixels)[0], stats
 
     from contextlib import nullcontext
 
@@ -226,8 +230,9 @@ def generate(pipe, call: dict, cfg, width: int, height: int, seed: int, out_dir=
     # 1. Where the chain starts: an init image enters at the largest stage it matches or exceeds.
     entry, image = 0, None
     if cfg.get("init_image") is not None:
-        with Image.open(Path(str(cfg.init_image)).expanduser()) as init:
-            image = init.convert("RGB")
+        from synth.images import open_image_as_viewed
+
+        image = open_image_as_viewed(str(cfg.init_image), "init_image")  # as infer.py reads it: EXIF-rotated
         fits = [i for i, stage in enumerate(plan) if stage.width <= image.width and stage.height <= image.height]
         entry = fits[-1] if fits else 0
         plan = plan[entry:]
@@ -241,11 +246,13 @@ def generate(pipe, call: dict, cfg, width: int, height: int, seed: int, out_dir=
         # tiled=true sends every stage through the tiler (one tile when the latent fits: bitwise the plain call);
         # auto only the stages whose latent is larger than a tile
         tiles = tiling is True or (tiling == "auto" and max(size) // pipe.vae_scale_factor > settings.tile_size)
+        guard = stop_on_nonfinite(f"stage {index + entry + 1} ({size[0]}x{size[1]})")  # nan latents end the run
         # 2. The base stage is text-to-image; every later one upscales the last result and refines it.
         if stage.strength is None:
             with tiled_denoiser(text2img, settings, stats) if tiles else nullcontext():
                 arguments = {**shared, **family.call_kwargs(model, "text2img", *size)}
-                latents = text2img(**arguments, generator=generator, output_type="latent").images
+                latents = text2img(**arguments, generator=generator, output_type="latent",
+                                   callback_on_step_end=guard).images
         else:
             if latents is not None and upscale == "latent":
                 source = torch.nn.functional.interpolate(
@@ -271,7 +278,7 @@ def generate(pipe, call: dict, cfg, width: int, height: int, seed: int, out_dir=
                              {"synth-stage": f"ControlNet condition of stage {index + entry} of {stem}"})
             with tiled_denoiser(img2img, settings, stats) if tiles else nullcontext():
                 latents = img2img(**arguments, image=source, strength=stage.strength, generator=generator,
-                                  output_type="latent").images
+                                  output_type="latent", callback_on_step_end=guard).images
         log.info("stage %d/%d: %dx%d (strength %s, %d steps)", index + 1, len(plan), *size, stage.strength, stage.steps)
         # 4. Intermediate images on request, written beside the final one.
         if highres.get("save_intermediate") and index < len(plan) - 1 and out_dir is not None:
@@ -281,6 +288,33 @@ def generate(pipe, call: dict, cfg, width: int, height: int, seed: int, out_dir=
             save_png(intermediate, Path(out_dir), f"{stem}-stage{index + entry}-{size[0]}x{size[1]}",
                      {"synth-stage": f"stage {index + entry} of {stem}: {size[0]}x{size[1]}"})
     return decode(pipe, latents, highres, model, family.name), stats
+
+
+def stop_on_nonfinite(where: str = "sampling"):
+    """A diffusers callback_on_step_end that stops the run at the first step whose latents hold nan or inf: every
+    later step and the decoded image would be nan too, and a black PNG would be written with exit code 0."""
+
+    def check(pipe, step: int, timestep, callback_kwargs: dict) -> dict:
+        import torch
+
+        if not torch.isfinite(callback_kwargs["latents"]).all():
+            raise ValueError(
+                f"{where}: the latents became nan or inf at step {step + 1}; nothing was written (a LoRA or "
+                "embedding with extreme weights, an extreme guidance_scale, or fp16 overflow: try dtype=fp32)"
+            )
+        return callback_kwargs
+
+    return check
+
+
+def check_finite_pixels(pixels) -> None:
+    """The decoded image holds no nan or inf (a VAE that overflows in fp16 decodes finite latents to nan)."""
+    import numpy as np
+    import torch
+
+    finite = torch.isfinite(pixels).all() if isinstance(pixels, torch.Tensor) else np.isfinite(pixels).all()
+    if not finite:
+        raise ValueError("decoding: the VAE produced nan or inf pixels; nothing was written (fp16 overflow? try dtype=fp32)")
 
 
 def check_untiled_fits(pipe, family_name: str, plan: list[Stage], tiling: bool) -> None:
@@ -330,6 +364,7 @@ def decode(pipe, latents, highres, model, family_name: str):
         else:
             pixels = vae.decode(z, return_dict=False)[0]
     pixels = pixels.to(torch.float32)
+    check_finite_pixels(pixels)
     if getattr(pipe, "watermark", None) is not None:
         pixels = pipe.watermark.apply_watermark(pixels)
     denormalize = None

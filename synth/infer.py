@@ -27,7 +27,7 @@ def infer(cfg: DictConfig) -> list[Path]:
 
     from synth import highres, pipelines
     from synth.families import get_family
-    from synth.images import CONFIG_KEY, PARAMETERS_KEY, a1111_parameters, save_png
+    from synth.images import CONFIG_KEY, PARAMETERS_KEY, a1111_parameters, open_image_as_viewed, save_png
 
     family = get_family(model.family)
 
@@ -50,8 +50,7 @@ def infer(cfg: DictConfig) -> list[Path]:
         **family.call_kwargs(model, task, width, height),
     }
     if task == "img2img":
-        with Image.open(Path(str(cfg.init_image)).expanduser()) as init:
-            init_image = init.convert("RGB")
+        init_image = open_image_as_viewed(str(cfg.init_image), "init_image")  # EXIF-rotated, 16-bit scaled
         if init_image.size != (width, height):  # size= was given: the user asked for the resize
             init_image = init_image.resize((width, height), Image.LANCZOS)
         call.update(image=init_image, strength=float(cfg.denoise_strength))

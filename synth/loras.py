@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import struct
 from pathlib import Path
 
@@ -52,6 +53,8 @@ def lora_entries(lora_cfg) -> list[tuple[str, float]]:
     for scale in scales:
         if isinstance(scale, bool) or not isinstance(scale, (int, float)):
             raise ValueError(f"lora.scale={scale!r}: must be a number (1.0 = as trained, 0 = off)")  # noqa: TRY004 (user input: entry points report ValueErrors)
+        if not math.isfinite(scale):
+            raise ValueError(f"lora.scale={scale}: must be a finite number (1.0 = as trained, 0 = off)")
     return [(str(path), float(scale)) for path, scale in zip(paths, scales)]
 
 
@@ -62,18 +65,95 @@ def read_header(path: str) -> dict:
             (length,) = struct.unpack("<Q", file.read(8))
             if length > 100_000_000:
                 raise ValueError("header too large")
-            return json.loads(file.read(length))
-    except (struct.error, ValueError, UnicodeDecodeError) as error:
+            raw = file.read(length)
+            if len(raw) != length:
+                raise ValueError(f"the file ends inside its {length}-byte header")
+            header = json.loads(raw)
+    except (struct.error, ValueError, UnicodeDecodeError, RecursionError) as error:
         raise ValueError(f"lora.path={path}: not a readable .safetensors file ({error})") from None
+    if not isinstance(header, dict):
+        raise ValueError(f"lora.path={path}: not a readable .safetensors file (its header is a JSON "
+                         f"{type(header).__name__}, not an object)")
+    return header
+
+
+# safetensors dtype -> (bytes per value, numpy dtype); BF16 is widened to float32 by hand (numpy has no bfloat16)
+FLOAT_DTYPES = {"F16": (2, "<f2"), "BF16": (2, "<u2"), "F32": (4, "<f4"), "F64": (8, "<f8")}
+
+
+def check_lora_file(path: str) -> dict:
+    """Refuse a malformed LoRA file before any model loads, naming the tensor: entries that are not tensors,
+    non-float dtypes, data past the end of the file (truncated), nan/inf values, lora_A/lora_B pairs whose ranks
+    differ. safetensors itself checks the layout but not dtypes or values, and diffusers would fail mid-load or
+    sample a black image; numpy reads the values, so torch is not needed here. Returns the header."""
+    import numpy as np
+
+    header = read_header(path)
+    metadata = header.get("__metadata__", {})
+    if not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values()):
+        raise ValueError(f"lora.path={path}: its __metadata__ must map names to strings")
+    size = Path(path).stat().st_size
+    shapes = {}
+    with open(path, "rb") as file:
+        start_of_data = 8 + struct.unpack("<Q", file.read(8))[0]  # offsets count from the end of the header
+        for name, entry in header.items():
+            if name == "__metadata__":
+                continue
+            where = f"lora.path={path}: tensor {name!r}"
+            if not isinstance(entry, dict) or not {"dtype", "shape", "data_offsets"} <= set(entry):
+                raise ValueError(f"{where} is not a tensor entry (dtype, shape, data_offsets)")
+            dtype, shape, offsets = entry["dtype"], entry["shape"], entry["data_offsets"]
+            if dtype not in FLOAT_DTYPES:
+                raise ValueError(f"{where} has dtype {dtype}; LoRA weights must be floating point "
+                                 f"({', '.join(FLOAT_DTYPES)})")
+            valid_ints = lambda values: isinstance(values, list) and all(  # noqa: E731
+                isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in values)
+            if not valid_ints(shape) or not valid_ints(offsets) or len(offsets) != 2 or offsets[0] > offsets[1]:
+                raise ValueError(f"{where} has a malformed shape {shape!r} or data_offsets {offsets!r}")
+            width, numpy_dtype = FLOAT_DTYPES[dtype]
+            if (offsets[1] - offsets[0]) != math.prod(shape) * width:
+                raise ValueError(f"{where}: {offsets[1] - offsets[0]} bytes of data do not hold {dtype} values of "
+                                 f"shape {shape}")
+            if start_of_data + offsets[1] > size:
+                raise ValueError(f"lora.path={path}: the file is truncated (tensor {name!r} needs bytes up to "
+                                 f"{start_of_data + offsets[1]}, the file has {size})")
+            file.seek(start_of_data + offsets[0])
+            values = np.frombuffer(file.read(offsets[1] - offsets[0]), dtype=numpy_dtype)
+            if dtype == "BF16":
+                values = (values.astype(np.uint32) << 16).view("<f4")
+            # F64 values beyond float32's range become inf in the model's dtype
+            if not np.isfinite(values).all() or (dtype == "F64" and (np.abs(values) > np.finfo(np.float32).max).any()):
+                raise ValueError(f"{where} holds nan or inf values; the LoRA is broken (an overflowed training?)")
+            shapes[name] = shape
+    for name, shape in shapes.items():
+        if ".lora_A." not in name:
+            continue
+        partner = name.replace(".lora_A.", ".lora_B.")
+        if partner not in shapes:
+            raise ValueError(f"lora.path={path}: tensor {name!r} has no matching {partner!r}")
+        rank_a = shape[0] if shape else None
+        rank_b = shapes[partner][1] if len(shapes[partner]) > 1 else None
+        if rank_a is None or rank_a != rank_b:
+            raise ValueError(
+                f"lora.path={path}: tensor {name!r} has rank {rank_a} but {partner!r} has rank {rank_b} "
+                f"(shapes {shape} and {shapes[partner]}); lora_A is (rank, in) and lora_B (out, rank)"
+            )
+    for name in shapes:
+        if ".lora_B." in name and name.replace(".lora_B.", ".lora_A.") not in shapes:
+            raise ValueError(f"lora.path={path}: tensor {name!r} has no matching lora_A tensor")
+    return header
 
 
 def read_metadata(path: str) -> dict:
     """synth's metadata of a LoRA file ({} for LoRAs made elsewhere)."""
     metadata = read_header(path).get("__metadata__") or {}
     try:
-        return json.loads(metadata[SYNTH_METADATA_KEY]) if SYNTH_METADATA_KEY in metadata else {}
-    except json.JSONDecodeError:
+        stored = json.loads(metadata[SYNTH_METADATA_KEY]) if SYNTH_METADATA_KEY in metadata else {}
+    except (json.JSONDecodeError, TypeError):
         raise ValueError(f"lora.path={path}: its {SYNTH_METADATA_KEY} metadata is not valid JSON") from None
+    if not isinstance(stored, dict):
+        raise ValueError(f"lora.path={path}: its {SYNTH_METADATA_KEY} metadata is not a JSON object")
+    return stored
 
 
 def check_lora_inputs(lora_cfg, family_name: str) -> None:
@@ -86,6 +166,7 @@ def check_lora_inputs(lora_cfg, family_name: str) -> None:
             )
         if not Path(path).expanduser().is_file():
             raise FileNotFoundError(f"lora.path={path}: no such file")
+        check_lora_file(str(Path(path).expanduser()))  # layout, dtypes, values and ranks, before any model loads
         made_for = read_metadata(str(Path(path).expanduser())).get("family")
         if made_for is not None and made_for != family_name:
             raise ValueError(
@@ -126,6 +207,9 @@ def save_lora(path, state_dict: dict, prefix: str, adapter_config: dict, synth_m
     os.close(handle)
     try:
         save_file(tensors, scratch, metadata=metadata)
+        from synth.images import current_umask
+
+        os.chmod(scratch, 0o666 & ~current_umask())  # mkstemp gives 0600; outputs follow the umask
         os.replace(scratch, path)
     finally:
         Path(scratch).unlink(missing_ok=True)

@@ -72,6 +72,10 @@ def load_pipeline(model_cfg: DictConfig, device: torch.device, dtype: torch.dtyp
         else:
             if model_cfg.get("variant"):
                 kwargs["variant"] = model_cfg.variant
+            if Path(path).expanduser().exists():
+                # A local folder loads .safetensors only: with use_safetensors=None diffusers and transformers fall
+                # back to unpickling .bin files (synth.config.check_no_pickles refuses such folders up front).
+                kwargs["use_safetensors"] = True
             pipe = cls.from_pretrained(path, **kwargs)
     except OSError as error:
         message = str(error).lower()

@@ -187,9 +187,12 @@ def record_prompt(image_cfg: DictConfig, original: str, processed: str) -> None:
     so that replaying the image uses the processed prompt and never runs the prompter again."""
     from omegaconf import OmegaConf, open_dict
 
+    from synth.cli_args import escape_all_interpolations
+
     if not enabled(image_cfg.prompter):
         return
     with open_dict(image_cfg):
+        # Escaped: the config is resolved when it is written, and a prompt's `${...}` is text, never an interpolation.
         ran = OmegaConf.to_container(image_cfg.prompter, resolve=True)
-        image_cfg.prompt = processed
-        image_cfg.prompter = {"name": "none", "original_prompt": original, "processed_by": ran}
+        image_cfg.prompt = escape_all_interpolations(processed)
+        image_cfg.prompter = escape_all_interpolations({"name": "none", "original_prompt": original, "processed_by": ran})

@@ -9,14 +9,18 @@ from __future__ import annotations
 import itertools
 import logging
 import math
+import re
 import sys
 import textwrap
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from hydra.core.override_parser.overrides_parser import OverridesParser
+from hydra.core.override_parser.types import Override, Transformer
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
+
+from synth.cli_args import typed_text
 
 log = logging.getLogger("synth.sweep")
 FAILED_MARKER = "failed.txt"  # written into a job's folder by synth.entry.run_task when the job fails
@@ -39,25 +43,65 @@ def swept_axes(task_overrides: list[str]) -> list[tuple[str, list[str]]]:
     axes = []
     for override in parser.parse_overrides(list(task_overrides)):
         if override.is_sweep_override():
-            axes.append((override.get_key_element().lstrip("+~"), list(override.sweep_string_iterator())))
+            values = override.sweep_iterator(transformer=Transformer.identity)
+            axes.append((override.get_key_element().lstrip("+~"), [shown_value(value) for value in values]))
     return axes
+
+
+def shown_value(value) -> str:
+    """A swept value as the job received it, for labels: text as typed (not Hydra's escaped or quoted form,
+    so a prompt reads as written), anything else as Hydra writes it (seed=0, model=sd15)."""
+    if isinstance(value, str):
+        return typed_text(value)
+    return Override._get_value_element_as_str(value)
 
 
 def read_jobs(sweep_dir: Path, keys: list[str]) -> list[Job]:
     """Every job folder of a sweep with its swept values, images and failure message."""
     parser = OverridesParser.create()
     jobs = []
-    for overrides_file in sorted(sweep_dir.glob("*/.hydra/overrides.yaml"), key=lambda p: _job_number(p.parent.parent)):
+    for overrides_file in sorted(latest_run_files(sweep_dir), key=lambda p: _job_number(p.parent.parent)):
         folder = overrides_file.parent.parent
+        started = overrides_file.stat().st_mtime  # Hydra writes it as the job starts, before any image
         values = {}
-        for override in parser.parse_overrides(list(OmegaConf.load(overrides_file))):
+        for override in parser.parse_overrides(_raw_overrides(OmegaConf.load(overrides_file))):
             key = override.get_key_element().lstrip("+~")
             if key in keys:
-                values[key] = override.get_value_element_as_str()
+                values[key] = shown_value(override.value())
         marker = folder / FAILED_MARKER
-        error = (marker.read_text().strip() or "failed") if marker.exists() else None
-        jobs.append(Job(folder, values, sorted(folder.glob("*.png")), error))
+        failed = marker.exists() and marker.stat().st_mtime >= started  # not a marker left by an earlier sweep
+        error = (marker.read_text().strip() or "failed") if failed else None
+        jobs.append(Job(folder, values, job_images(folder, started), error))
     return jobs
+
+
+def latest_run_files(sweep_dir: Path) -> list[Path]:
+    """Each job folder's overrides.yaml of its latest run: a sweep repeated into the same folder writes
+    .hydra-1, .hydra-2, ... next to the first sweep's .hydra (see synth.config.run_files_subdir)."""
+    latest: dict[Path, tuple[int, Path]] = {}
+    for file in sweep_dir.glob("*/.hydra*/overrides.yaml"):
+        match = re.fullmatch(r"\.hydra(?:-(\d+))?", file.parent.name)
+        if match is None:
+            continue
+        number, folder = int(match.group(1) or 0), file.parent.parent
+        if number >= latest.get(folder, (-1, file))[0]:
+            latest[folder] = (number, file)
+    return [file for _, file in latest.values()]
+
+
+def job_images(folder: Path, started: float) -> list[Path]:
+    """The images a job wrote: its folder's PNGs from this run, never hidden files (save_png's .tmp-*.png
+    temp files, truncated if their writer was killed) nor the images of an earlier sweep into the folder."""
+    return sorted(
+        path for path in folder.glob("*.png")
+        if not path.name.startswith(".") and path.is_file() and path.stat().st_mtime >= started
+    )
+
+
+def _raw_overrides(overrides) -> list[str]:
+    # As Hydra's own multirun reads them: unresolved, so a prompt's escaped \${...} stays text (list() would
+    # resolve the escape and hand Hydra's parser an interpolation).
+    return [str(item) for item in OmegaConf.to_container(overrides, resolve=False)]
 
 
 def _job_number(folder: Path) -> int:
@@ -132,7 +176,7 @@ class ContactSheet(Callback):
         from synth.images import save_png
 
         sweep_dir = Path(config.hydra.sweep.dir)
-        axes = swept_axes(config.hydra.overrides.task)
+        axes = swept_axes(_raw_overrides(config.hydra.overrides.task))
         jobs = read_jobs(sweep_dir, [key for key, _ in axes])
         if not jobs:
             return

@@ -105,7 +105,12 @@ def parse(path: Path, state: dict) -> Embedding:
     def matrix(tensor, key):
         if not isinstance(tensor, torch.Tensor) or tensor.ndim not in (1, 2) or not tensor.is_floating_point():
             raise ValueError(f"textual_inversion={path}: {key} is not a float vector or matrix")
-        return tensor.detach().reshape(-1, tensor.shape[-1]).float()
+        if tensor.numel() == 0:
+            raise ValueError(f"textual_inversion={path}: {key} is empty")
+        vectors = tensor.detach().reshape(-1, tensor.shape[-1]).float()
+        if not torch.isfinite(vectors).all():  # inf or nan vectors turn every prompt using the keyword into nan
+            raise ValueError(f"textual_inversion={path}: {key} holds nan or inf values (as float32); the embedding is broken")
+        return vectors
 
     if not isinstance(state, dict):
         raise ValueError(f"textual_inversion={path}: expected a dict of tensors, got {type(state).__name__}")

@@ -31,14 +31,15 @@ def compose_infer(overrides=(), output_dir=None):
     return cfg
 
 
-def run_cli(script, *args, cwd):
-    """Run `python <script> args...` as a user would; returns the CompletedProcess."""
+def run_cli(script, *args, cwd, env=None):
+    """Run `python <script> args...` as a user would; returns the CompletedProcess. env: extra variables."""
     return subprocess.run(
         [sys.executable, str(ROOT / script), *args],
         cwd=cwd,
         capture_output=True,
         text=True,
         timeout=600,
+        env={**os.environ, **env} if env else None,
     )
 
 

@@ -173,3 +173,69 @@ def test_crops_flips_and_caption_dropout(tmp_path):
     assert torch.equal(again["pixels"], samples[7]["pixels"]) and again["prompts"] == samples[7]["prompts"]
     center = ImageCaptionDataset(load_dataset(cfg), OmegaConf.merge(cfg, {"crop": "center", "flip": False}), [0.0])
     assert center[(0, (64, 64), 0)]["crop_top_left"].tolist() == [0, 32]
+
+
+def test_rows_outside_data_path_are_refused_unless_allowed(tmp_path):
+    root = make_dataset(tmp_path / "data", count=1)
+    outside = make_dataset(tmp_path / "elsewhere", count=1) / "train" / "000.png"
+    (root / "train" / "link.png").symlink_to(outside)
+    with open(root / "train" / "metadata.csv", "a") as file:
+        file.write(f"{outside},absolute\n../../elsewhere/train/000.png,dotdot\nlink.png,a symlink\n")
+    with pytest.raises(ValueError) as error:
+        load_dataset(data_cfg(root))
+    message = str(error.value)
+    assert "3 bad row(s)" in message and message.count("points outside data.path=") == 3
+    assert f"line 3: {outside}: points outside" in message and "line 5: link.png: points outside" in message
+    assert "data.allow_outside=true" in message
+    assert len(load_dataset(data_cfg(root, allow_outside="true"))) == 4
+
+
+def test_rows_that_cannot_be_read_name_file_and_line(tmp_path):
+    root = tmp_path / "jsonl"
+    root.mkdir()
+    Image.new("RGB", (64, 64)).save(root / "a.png")
+    (root / "metadata.jsonl").write_text('{"file_name": "a.png", "text": "ok"}\n[1, 2]\n"text"\n{broken\n'
+                                         '{"file_name": ["a.png"], "text": "x"}\n')
+    with pytest.raises(ValueError) as error:
+        load_dataset(data_cfg(root))
+    message = str(error.value)
+    assert "4 bad row(s)" in message and "\n" not in message
+    assert "metadata.jsonl line 2: a JSON list, not an object" in message
+    assert "metadata.jsonl line 3: a JSON str, not an object" in message
+    assert "metadata.jsonl line 4: not valid JSON" in message
+    assert "line 5: file_name must be a file name, not list" in message
+    (root / "metadata.jsonl").unlink()
+    (root / "metadata.csv").write_bytes("file_name,text\na.png,caf\xe9\n".encode("latin-1"))
+    with pytest.raises(ValueError, match=r"metadata.csv: line 2 is not UTF-8 text"):
+        load_dataset(data_cfg(root))
+    (root / "metadata.csv").unlink()
+    (root / "a.txt").write_bytes("un caf\xe9".encode("latin-1"))
+    with pytest.raises(ValueError, match=r"a.png: a.txt is not UTF-8 text"):
+        load_dataset(data_cfg(root))
+
+
+def test_decompression_bombs_are_bad_rows(tmp_path, monkeypatch):
+    root = make_dataset(tmp_path / "data", count=2)
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 96 * 80 - 1)  # the dataset's images are 96 x 80
+    with pytest.raises(ValueError) as error:
+        load_dataset(data_cfg(root))
+    assert "000.png: 96x80 = 7680 pixels is over the limit of 7679 pixels" in str(error.value)
+
+
+def test_images_are_read_as_a_viewer_shows_them(tmp_path):
+    import numpy as np
+
+    root = tmp_path / "data"
+    root.mkdir()
+    exif = Image.Exif()
+    exif[0x0112] = 6  # orientation: rotate 90 degrees: stored 96 x 64, shown 64 x 96
+    Image.new("RGB", (96, 64), "red").save(root / "rotated.jpg", exif=exif)
+    Image.fromarray(np.full((64, 64), 32768, dtype=np.uint16)).save(root / "deep.png")  # 16-bit mid-grey
+    for name in ("rotated", "deep"):
+        (root / f"{name}.txt").write_text("a caption")
+    cfg = data_cfg(root, size=64)
+    items = {item.file.name: item for item in load_dataset(cfg)}
+    assert (items["rotated.jpg"].width, items["rotated.jpg"].height) == (64, 96)
+    dataset = ImageCaptionDataset(list(items.values()), cfg, [0.0])
+    deep = dataset[(list(items).index("deep.png"), (64, 64), 0)]["pixels"]
+    assert abs(deep.mean().item()) < 0.05  # mid-grey, not clipped to white (1.0)

@@ -75,6 +75,9 @@ class EncodingCache:
         os.close(handle)
         try:
             save_file({k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}, scratch)
+            from synth.train.run_folder import umask_mode
+
+            os.chmod(scratch, umask_mode())  # mkstemp gives 0600; the cache is shared like any output
             os.replace(scratch, path)  # atomic: ranks that race write identical files
         finally:
             Path(scratch).unlink(missing_ok=True)

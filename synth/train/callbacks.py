@@ -1,16 +1,51 @@
-"""Lightning callbacks: the LoRA file at every checkpoint, and validation images beside the base model's."""
+"""Lightning callbacks and plugins: checkpoints a run continues from exactly (written atomically), the LoRA
+file at every checkpoint, and validation images beside the base model's."""
 
 from __future__ import annotations
 
 import logging
+import os
+import tempfile
 from pathlib import Path
 
 import lightning as L
 import torch
+from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.plugins.io import TorchCheckpointIO
 
 from synth.config import parse_size
 
 log = logging.getLogger(__name__)
+
+
+class RunCheckpoint(ModelCheckpoint):
+    """Lightning's ModelCheckpoint, except that the run's last step is saved like every periodic checkpoint.
+
+    The gap it fills: ModelCheckpoint writes a run's final last.ckpt from on_train_epoch_end / on_train_end,
+    after max_steps has closed the epoch loop. That state says "epoch finished", so a run continued from it
+    (ckpt_path=<run> trainer.max_steps=<more>) starts a new epoch: another batch order and other noise than
+    one longer run, which goes on with the same epoch. Saving at the end of the last batch, where periodic
+    checkpoints are saved, records the run as it is, so continuing it is exact.
+    """
+
+    @staticmethod
+    def _at_max_steps(trainer) -> bool:
+        return trainer.max_steps > 0 and trainer.global_step >= trainer.max_steps
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
+        if self._at_max_steps(trainer) and not self._should_skip_saving_checkpoint(trainer):
+            candidates = self._monitor_candidates(trainer)
+            self._save_topk_checkpoint(trainer, candidates)  # checkpoints/step-N.ckpt, as a periodic save
+            self._save_last_checkpoint(trainer, candidates)
+
+    def on_train_epoch_end(self, trainer, pl_module) -> None:
+        if not self._at_max_steps(trainer):  # at max_steps the batch end above has saved this step
+            super().on_train_epoch_end(trainer, pl_module)
+
+    def on_train_end(self, trainer, pl_module) -> None:
+        if not (self._at_max_steps(trainer) and self._last_global_step_saved == trainer.global_step):
+            super().on_train_end(trainer, pl_module)
 
 
 class LoRAExport(L.Callback):
@@ -115,3 +150,29 @@ class ValidationImages(L.Callback):
             if hasattr(logger, "log_image"):
                 logger.log_image(key="val/image", images=logged, caption=logged_captions, step=step)
         log.info("validation images at step %d: %s", step, folder)
+
+
+class AtomicCheckpointIO(TorchCheckpointIO):
+    """Checkpoints written to a hidden temp file beside the target and renamed into place.
+
+    The gap: Lightning's local save goes through fsspec, which writes to the system temp folder and moves
+    the file over, a copy (not atomic) when /tmp is another file system; a kill mid-copy leaves a truncated
+    last.ckpt. Here a kill leaves only checkpoints/.last.ckpt.* (removed at the next start)."""
+
+    def save_checkpoint(self, checkpoint, path, storage_options=None) -> None:
+        from synth.train.run_folder import umask_mode
+
+        if storage_options is not None:
+            raise TypeError("storage_options is not supported")
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        handle, scratch = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+        try:
+            with os.fdopen(handle, "wb") as file:
+                torch.save(checkpoint, file)
+                file.flush()
+                os.fsync(file.fileno())
+            os.chmod(scratch, umask_mode())
+            os.replace(scratch, path)
+        finally:
+            Path(scratch).unlink(missing_ok=True)

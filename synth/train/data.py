@@ -12,6 +12,7 @@ resumes mid-epoch sees exactly the batches the uninterrupted run would have seen
 from __future__ import annotations
 
 import csv
+import io
 import json
 import logging
 import math
@@ -23,10 +24,11 @@ import lightning as L
 import numpy as np
 import torch
 from omegaconf import DictConfig
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
 from synth.config import parse_size
+from synth.images import open_image_as_viewed
 
 log = logging.getLogger(__name__)
 
@@ -53,52 +55,97 @@ def find_metadata(root: Path) -> Path | None:
     return None
 
 
+def read_text(path: Path) -> str:
+    """A UTF-8 text file (a BOM is allowed); anything else is a ValueError naming the file and line."""
+    data = path.read_bytes()
+    try:
+        return data.decode("utf-8-sig")
+    except UnicodeDecodeError as error:
+        line = data[: error.start].count(b"\n") + 1
+        raise ValueError(f"{path}: line {line} is not UTF-8 text; save the file as UTF-8") from None
+
+
 def read_rows(root: Path, image_column: str, caption_column: str) -> list[tuple[str, dict]]:
-    """(where, row) pairs: where names the row for messages; row maps column -> value (None when missing)."""
+    """(where, row) pairs: where names the row for messages; row maps column -> value (None when missing).
+
+    A row that cannot be a row (a JSON line that is not an object, a caption file that is not UTF-8) gets
+    "_problem", so it is reported with the other bad rows."""
     metadata = find_metadata(root)
     if metadata is None:
         images = sorted(p for p in root.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
         rows = []
         for image in images:
             caption_file = image.with_suffix(".txt")
-            caption = caption_file.read_text(encoding="utf-8").strip() if caption_file.is_file() else None
-            rows.append((image.name, {image_column: image.name, caption_column: caption, "_dir": str(root)}))
+            row = {image_column: image.name, caption_column: None, "_dir": str(root)}
+            if caption_file.is_file():
+                row["_caption_file"] = str(caption_file)
+                try:
+                    row[caption_column] = read_text(caption_file).strip()
+                except ValueError:
+                    row["_problem"] = f"{caption_file.name} is not UTF-8 text; save it as UTF-8"
+            rows.append((image.name, row))
         return rows
+    text = read_text(metadata)
     rows = []
     if metadata.suffix == ".csv":
-        with open(metadata, newline="", encoding="utf-8") as file:
-            for number, row in enumerate(csv.DictReader(file), start=2):  # line 1 is the header
+        try:
+            for number, row in enumerate(csv.DictReader(io.StringIO(text, newline="")), start=2):  # 1: header
                 rows.append((f"{metadata.name} line {number}", {**row, "_dir": str(metadata.parent)}))
+        except csv.Error as error:
+            raise ValueError(f"{metadata}: line {len(rows) + 2} is not CSV ({error})") from None
     else:
-        with open(metadata, encoding="utf-8") as file:
-            for number, line in enumerate(file, start=1):
-                if not line.strip():
-                    continue
-                try:
-                    row = json.loads(line)
-                except json.JSONDecodeError:
-                    row = {}
-                rows.append((f"{metadata.name} line {number}", {**row, "_dir": str(metadata.parent)}))
+        for number, line in enumerate(text.splitlines(), start=1):
+            if not line.strip():
+                continue
+            where, row = f"{metadata.name} line {number}", {"_dir": str(metadata.parent)}
+            try:
+                value = json.loads(line)
+            except json.JSONDecodeError:
+                row["_problem"] = "not valid JSON"
+            else:
+                if isinstance(value, dict):
+                    row = {**value, **row}
+                else:
+                    row["_problem"] = f"a JSON {type(value).__name__}, not an object like {{\"{image_column}\": ..., \"{caption_column}\": ...}}"
+            rows.append((where, row))
     return rows
 
 
-def check_row(row: dict, image_column: str, caption_column: str) -> tuple[Item | None, str | None]:
-    """The row as an Item, or None and why it is bad."""
-    if row.get(image_column) in (None, ""):
+def outside(path: Path, root: Path) -> bool:
+    """Whether path (symlinks followed) lies outside root."""
+    return not path.resolve().is_relative_to(root.resolve())
+
+
+def check_row(row: dict, image_column: str, caption_column: str, root: Path | None = None,
+              allow_outside: bool = False) -> tuple[Item | None, str | None]:
+    """The row as an Item, or None and why it is bad. Files outside root (absolute paths, ../, symlinks
+    pointing elsewhere) are bad unless allow_outside: a dataset shared as a folder reads only that folder."""
+    if "_problem" in row:
+        return None, row["_problem"]
+    name, caption = row.get(image_column), row.get(caption_column)
+    if name in (None, ""):
         return None, f"missing column {image_column!r}"
-    if row.get(caption_column) is None:
+    if caption is None:
         return None, f"missing column {caption_column!r}"
-    caption = str(row[caption_column]).strip()
-    file = Path(row["_dir"]) / str(row[image_column])
+    if not isinstance(name, str):
+        return None, f"{image_column} must be a file name, not {type(name).__name__}"
+    if not isinstance(caption, str):
+        return None, f"{caption_column} must be text, not {type(caption).__name__}"
+    caption = caption.strip()
+    file = Path(row["_dir"]) / name
+    if root is not None and not allow_outside:
+        for path in (file, Path(row.get("_caption_file", file))):
+            if outside(path, root):
+                return None, (f"{path.name if path != file else name}: points outside data.path={root} "
+                              "(set data.allow_outside=true to allow)")
     if not file.is_file():
-        return None, f"{row[image_column]}: no such file"
+        return None, f"{name}: no such file"
     try:
-        with Image.open(file) as image:
-            image.draft("RGB", (64, 64))  # JPEG decodes at reduced size: a cheap full read
-            image.load()
-            width, height = Image.open(file).size
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as error:
-        return None, f"{row[image_column]}: not a readable image ({type(error).__name__})"
+        # As a viewer shows it (EXIF rotation applied: the bucket follows the upright size); decodes fully, so a
+        # truncated file is found now; a decompression bomb is refused before its pixels are decoded.
+        width, height = open_image_as_viewed(file, "image").size
+    except ValueError as error:
+        return None, f"{name}: {str(error).removeprefix(f'image={file}: ')}"
     if not caption:
         return None, "empty caption"
     return Item(file, caption, width, height), None
@@ -112,8 +159,9 @@ def load_dataset(data_cfg: DictConfig) -> list[Item]:
     if not root.is_dir():
         raise FileNotFoundError(f"data.path={data_cfg.path}: no such folder")
     items, bad = [], []
+    allow_outside = bool(data_cfg.get("allow_outside", False))
     for where, row in read_rows(root, data_cfg.image_column, data_cfg.caption_column):
-        item, problem = check_row(row, data_cfg.image_column, data_cfg.caption_column)
+        item, problem = check_row(row, data_cfg.image_column, data_cfg.caption_column, root, allow_outside)
         if item is None:
             bad.append(f"{where}: {problem}")
         else:
@@ -204,8 +252,7 @@ class ImageCaptionDataset(Dataset):
     def __getitem__(self, key):
         index, (width, height), seed = key
         item, rng = self.items[index], random.Random(seed)
-        with Image.open(item.file) as image:
-            image = image.convert("RGB")
+        image = open_image_as_viewed(item.file, "image")  # as checked: EXIF rotation, 16-bit scaled to 8
         scale = max(width / image.width, height / image.height)
         resized = (max(width, round(image.width * scale)), max(height, round(image.height * scale)))
         image = image.resize(resized, Image.BICUBIC)
@@ -324,5 +371,8 @@ class ImageCaptionDataModule(L.LightningDataModule):
             collate_fn=collate,
             num_workers=workers,
             persistent_workers=workers > 0,
+            # Its own generator: each new iterator draws a worker seed, which from the global RNG would shift
+            # LoRA dropout's stream and make a resumed run drop other units than an uninterrupted one.
+            generator=torch.Generator().manual_seed(self.seed),
         )
         return self.loader

@@ -41,6 +41,7 @@ class LoRAModule(L.LightningModule):
                 raise ValueError(f"gradient_checkpointing=true: the {family.name} denoiser does not support it")
             self.denoiser.enable_gradient_checkpointing()
         self.strict_loading = False  # checkpoints hold the LoRA weights only
+        self.run_signature: dict | None = None  # set by fit(): goes into every checkpoint (resume.py checks it)
         self.cache = None
         if cfg.data.cache:
             from synth.train.cache import EncodingCache
@@ -108,9 +109,16 @@ class LoRAModule(L.LightningModule):
         scheduler = instantiate(self.cfg.optim.lr_scheduler)(optimizer=optimizer, num_training_steps=total)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
-    # Checkpoints: the LoRA weights only ---------------------------------------------------------
+    # Checkpoints: the LoRA weights only, what the run was, and the global RNG ---------------------
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         checkpoint["state_dict"] = {f"lora.{k}": v for k, v in lora_state_dict(self.denoiser).items()}
+        # What a resume must match (model, LoRA shape, dataset): checked before the model loads (resume.py).
+        checkpoint["synth"] = dict(self.run_signature or {})
+        # LoRA dropout draws from the global RNG, which Lightning does not checkpoint: without it a
+        # continued run would drop other units than one longer run.
+        checkpoint["synth_rng"] = {"cpu": torch.get_rng_state()}
+        if torch.cuda.is_available() and torch.cuda.is_initialized():
+            checkpoint["synth_rng"]["cuda"] = torch.cuda.get_rng_state_all()
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         from peft import set_peft_model_state_dict
@@ -118,3 +126,8 @@ class LoRAModule(L.LightningModule):
         state = {k.removeprefix("lora."): v for k, v in checkpoint["state_dict"].items() if k.startswith("lora.")}
         set_peft_model_state_dict(self.denoiser, state, adapter_name="default")
         checkpoint["state_dict"] = {}
+        rng = checkpoint.get("synth_rng") or {}
+        if "cpu" in rng:
+            torch.set_rng_state(rng["cpu"])
+        if "cuda" in rng and torch.cuda.is_available() and len(rng["cuda"]) == torch.cuda.device_count():
+            torch.cuda.set_rng_state_all(rng["cuda"])

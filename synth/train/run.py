@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import errno
 import logging
+import math
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -99,11 +101,60 @@ def check_train_inputs(cfg: DictConfig):
         raise ValueError(f"lora.dropout={lora.dropout}: must be in [0, 1)")
     if lora.get("path"):
         raise ValueError("lora.path is for inference (infer.py); to continue a training run use ckpt_path=<run folder>")
+    if not isinstance(cfg.get("overwrite", False), bool):
+        raise ValueError(f"overwrite={cfg.overwrite}: must be true or false")
+    check_trainer_and_optim(cfg)
     check_data_config(cfg.data, family.size_step, TEXT_ENCODERS[family.name])
     check_model_path(cfg.model)
     check_offline(cfg.model)
-    resolve_ckpt_path(cfg.ckpt_path, cfg.output_dir)
-    return load_dataset(cfg.data)
+    ckpt_path = resolve_ckpt_path(cfg.ckpt_path, cfg.output_dir)
+    items = load_dataset(cfg.data)
+    if ckpt_path is not None:
+        from synth.train.resume import check_resume, run_signature
+
+        check_resume(cfg, ckpt_path, run_signature(cfg, items, family))
+    return items
+
+
+def _number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def check_trainer_and_optim(cfg: DictConfig) -> None:
+    """The trainer and optimizer values Lightning and torch would reject only after the model has loaded."""
+    from diffusers.optimization import SchedulerType
+
+    trainer = cfg.trainer
+    steps, epochs = trainer.get("max_steps", -1), trainer.get("max_epochs", -1)
+    if not (isinstance(steps, int) and not isinstance(steps, bool)) or steps == 0 or steps < -1:
+        raise ValueError(f"trainer.max_steps={steps}: must be an integer >= 1 (or -1 with trainer.max_epochs >= 1)")
+    if steps == -1 and not (isinstance(epochs, int) and epochs >= 1):
+        raise ValueError(f"trainer.max_steps=-1 needs trainer.max_epochs >= 1 (got {epochs}); or give max_steps >= 1")
+    accumulate = trainer.get("accumulate_grad_batches", 1)
+    if not isinstance(accumulate, int) or isinstance(accumulate, bool) or accumulate < 1:
+        raise ValueError(f"trainer.accumulate_grad_batches={accumulate}: must be an integer >= 1")
+    clip = trainer.get("gradient_clip_val")
+    if clip is not None and (not _number(clip) or clip < 0):
+        raise ValueError(f"trainer.gradient_clip_val={clip}: must be a finite number >= 0, or null")
+    optimizer = cfg.optim.optimizer
+    if not _number(optimizer.get("lr")) or optimizer.lr <= 0:
+        raise ValueError(f"optim.optimizer.lr={optimizer.get('lr')}: must be a finite number > 0, e.g. 1e-4")
+    for key, low in (("weight_decay", 0.0), ("eps", 0.0)):
+        value = optimizer.get(key)
+        if value is not None and (not _number(value) or value < low):
+            raise ValueError(f"optim.optimizer.{key}={value}: must be a finite number >= {low:g}")
+    betas = optimizer.get("betas")
+    if betas is not None and (
+        isinstance(betas, (str, int, float)) or len(betas) != 2 or not all(_number(b) and 0 <= b < 1 for b in betas)
+    ):
+        raise ValueError(f"optim.optimizer.betas={betas}: must be two numbers in [0, 1), e.g. [0.9,0.999]")
+    schedule = cfg.optim.lr_scheduler
+    names = [member.value for member in SchedulerType]
+    if schedule.get("name") not in names:
+        raise ValueError(f"optim.lr_scheduler.name={schedule.get('name')}: choose one of {', '.join(names)}")
+    warmup = schedule.get("num_warmup_steps", 0)
+    if not isinstance(warmup, int) or isinstance(warmup, bool) or warmup < 0:
+        raise ValueError(f"optim.lr_scheduler.num_warmup_steps={warmup}: must be an integer >= 0")
 
 
 def make_logger(cfg: DictConfig):
@@ -154,11 +205,45 @@ class FitResult:
 
 def fit(cfg: DictConfig) -> FitResult:
     """train(), returning the trained module and trainer as well."""
-    # 1. Check inputs: config values, model path and every dataset row, before any weights load.
+    # 1. Check inputs: config values, model path, every dataset row and a resumed checkpoint's run, before
+    #    any weights load; then claim the run folder (one writer; earlier outputs kept unless overwrite=true).
     items = check_train_inputs(cfg)
     family = get_family(cfg.model.family)
     output_dir = Path(cfg.output_dir)
     ckpt_path = resolve_ckpt_path(cfg.ckpt_path, cfg.output_dir)
+    lock = claim_run_folder(output_dir, ckpt_path, bool(cfg.get("overwrite", False)))
+    try:
+        return _fit(cfg, items, family, output_dir, ckpt_path)
+    except OSError as error:
+        if error.errno in (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM):
+            # A full disk or a read-only folder mid-run: the file and the reason, not a traceback.
+            raise ValueError(f"{error.filename or output_dir}: {error.strerror}") from None
+        raise
+    finally:
+        if lock is not None:
+            lock.close()  # unlocks
+
+
+def claim_run_folder(output_dir: Path, ckpt_path: str | None, overwrite: bool):
+    """Lock the run folder, drop a killed run's temp files and refuse to replace earlier outputs (rank 0)."""
+    from synth.train.run_folder import check_run_folder, is_rank_zero, lock_run_folder, remove_stale_temp_files
+
+    if not is_rank_zero():
+        return None
+    try:
+        lock = lock_run_folder(output_dir)
+    except OSError as error:
+        raise ValueError(f"output_dir={output_dir}: cannot write there ({error.strerror})") from None
+    try:
+        remove_stale_temp_files(output_dir)
+        check_run_folder(output_dir, ckpt_path, overwrite)
+    except BaseException:
+        lock.close()
+        raise
+    return lock
+
+
+def _fit(cfg: DictConfig, items, family, output_dir: Path, ckpt_path: str | None) -> FitResult:
 
     import lightning as L
     import torch
@@ -180,6 +265,9 @@ def fit(cfg: DictConfig) -> FitResult:
     objective = make_objective(family.name, pipe, cfg.objective)
     torch.manual_seed(cfg.seed)
     module = LoRAModule(cfg, pipe, family, objective)
+    from synth.train.resume import run_signature
+
+    module.run_signature = run_signature(cfg, items, family)
     from synth.train.cache import settings_fingerprint
 
     fingerprint = settings_fingerprint(cfg, weight_dtype_name(cfg))
@@ -187,15 +275,22 @@ def fit(cfg: DictConfig) -> FitResult:
 
     # 4. Fit, resuming from a checkpoint when asked.
     logger = make_logger(cfg)
+    extra = {}
+    if str(cfg.trainer.get("strategy", "auto")) == "auto" or str(cfg.trainer.strategy).startswith("ddp"):
+        from synth.train.callbacks import AtomicCheckpointIO
+
+        extra["plugins"] = [AtomicCheckpointIO()]  # sharded strategies (fsdp, deepspeed) write their own
     trainer = instantiate(
         cfg.trainer,
         logger=logger,
         callbacks=make_callbacks(cfg, logger),
         default_root_dir=str(output_dir),
         use_distributed_sampler=False,  # the bucket sampler shards batches per rank itself
+        **extra,
     )
     try:
-        trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
+        # weights_only: a checkpoint is data (check_train_inputs has read it the same way already).
+        trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=True)
     finally:
         if logger and type(logger).__name__ == "WandbLogger":  # always close the run, even after a failure
             import wandb
