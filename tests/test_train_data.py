@@ -8,15 +8,8 @@ from omegaconf import OmegaConf
 from PIL import Image
 from train_utils import compose_train, make_dataset
 
-from synth.train.data import (
-    BucketBatchSampler,
-    ImageCaptionDataModule,
-    ImageCaptionDataset,
-    caption_dropout,
-    load_dataset,
-    make_buckets,
-    nearest_bucket,
-)
+from synth.train.data import BucketBatchSampler, ImageCaptionDataModule, ImageCaptionDataset
+from synth.train.rows import caption_dropout, load_dataset, make_buckets, nearest_bucket
 from synth.train.run import check_train_inputs
 
 

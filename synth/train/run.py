@@ -56,7 +56,7 @@ def resolve_ckpt_path(ckpt_path, output_dir: str) -> str | None:
 
 def check_train_inputs(cfg: DictConfig):
     """Validate a train config and read the dataset, before any model loads; returns the dataset items."""
-    from synth.train.data import check_data_config, load_dataset
+    from synth.train.rows import check_data_config, load_dataset
     from synth.train.objectives import (
         LOSS_WEIGHTING,
         PREDICTION_TYPES,
