@@ -13,7 +13,7 @@ import logging
 import os
 from pathlib import Path
 
-from synth.families import get_family
+from synth.families import FAMILIES, get_family
 
 log = logging.getLogger(__name__)
 
@@ -37,7 +37,7 @@ def annotator_path(cfg) -> str | None:
 
 
 def check_controlnet(cfg, width: int, height: int) -> None:
-    """Refuse a ControlNet setting that cannot run, before any model loads (from synth.config.check_inputs)."""
+    """Refuse a ControlNet setting that cannot run, before any model loads (from synth.checks.check_inputs)."""
     if not active(cfg):
         return
     from synth.config import HUB_ID
@@ -50,7 +50,7 @@ def check_controlnet(cfg, width: int, height: int) -> None:
     if name not in KINDS:
         raise ValueError(f"{where}: choose one of {', '.join(KINDS)}")
     if family.controlnet_img2img is None:
-        supported = ", ".join(n for n in ("sd15", "sdxl") if get_family(n).controlnet_img2img)
+        supported = ", ".join(name for name, each in FAMILIES.items() if each.controlnet_img2img)
         raise ValueError(f"{where}: ControlNet refinement is available for {supported}; model family {family.name} has none")
     if not staged(cfg.get("highres")):
         raise ValueError(f"{where} steers the highres chain's refinements, and highres=none turns the chain off; "

@@ -23,7 +23,6 @@ log = logging.getLogger(__name__)
 TILED = ("auto", True, False)
 UPSCALERS = ("lanczos", "latent")
 TILE_DEVICES = ("auto", "cpu")
-UNET_TILE_STEP = 8  # latent pixels: a UNet halves the latent three times, so a tile must divide by 8
 
 
 @dataclass(frozen=True)
@@ -42,8 +41,7 @@ def staged(highres) -> bool:
 
 def tile_step(family_name: str) -> int:
     """Tile sizes are multiples of this many latent pixels: 8 for UNets, the patch size for DiTs."""
-    family = get_family(family_name)
-    return family.size_step // 8 if family.kind == "dit" else UNET_TILE_STEP
+    return get_family(family_name).tile_step
 
 
 def tile_sizes(highres, native_size: int, family_name: str) -> tuple[int, int]:
@@ -97,7 +95,7 @@ def refine_steps(steps: int, strength: float) -> int:
 
 
 def check_highres(cfg, width: int, height: int) -> None:
-    """Refuse bad highres settings before any model loads (called from synth.config.check_inputs)."""
+    """Refuse bad highres settings before any model loads (called from synth.checks.check_inputs)."""
     highres = cfg.get("highres")
     if not staged(highres):
         return
@@ -119,7 +117,7 @@ def check_highres(cfg, width: int, height: int) -> None:
         if not isinstance(value, int) or isinstance(value, bool) or value < step or value % step:
             raise ValueError(
                 f"highres.{key}={value}: must be a positive multiple of {step} latent pixels for {family.name} "
-                f"({'the UNet halves the latent 3 times' if family.kind == 'unet' else 'the patch size'})"
+                f"({family.tile_step_reason})"
             )
     tile, overlap = tile_sizes(highres, model.native_size, family.name)
     if not isinstance(overlap, int) or isinstance(overlap, bool) or not 0 <= overlap < tile:
@@ -135,10 +133,11 @@ def check_highres(cfg, width: int, height: int) -> None:
         raise ValueError(f"highres.stage_steps={stage_steps}: must be an integer >= 1")
     if highres.get("stages"):
         check_stages(highres, model, family, width, height)
-    if family.name == "sd3" and tiled is False and max(width, height) > 3072:
+    limit = family.untiled_limit_px  # the released weights'; check_untiled_fits reads the loaded config
+    if limit is not None and tiled is False and max(width, height) > limit:
         raise ValueError(
-            f"highres.tiled=false: sd3 cannot run untiled at {width}x{height} (its positional embedding covers "
-            "3072 px); use highres.tiled=auto"
+            f"highres.tiled=false: {family.name} cannot run untiled at {width}x{height} (its positional embedding "
+            f"covers {limit} px); use highres.tiled=auto"
         )
 
 
@@ -180,7 +179,7 @@ def tile_settings(highres, model, family_name: str, vae_scale_factor: int):
     from synth.tiled_denoiser import TileSettings
 
     tile, overlap = tile_sizes(highres, model.native_size, family_name)
-    align = get_family(family_name).size_step // 8
+    align = get_family(family_name).tile_align
     return TileSettings(tile, overlap, int(highres.get("tile_batch_size", 4)), align, vae_scale_factor)
 
 
@@ -238,7 +237,8 @@ def generate(pipe, call: dict, cfg, width: int, height: int, seed: int, out_dir=
         plan = plan[entry:]
         plan[0] = Stage(plan[0].width, plan[0].height, float(cfg.denoise_strength), steps)
     stats["entry"] = entry
-    check_untiled_fits(pipe, family.name, plan, tiling is not False)
+    check_untiled_fits(pipe, family, plan, tiling is not False)
+    tiled_forward = family.tiled_forward_function()
 
     latents = None
     for index, stage in enumerate(plan):
@@ -249,7 +249,7 @@ def generate(pipe, call: dict, cfg, width: int, height: int, seed: int, out_dir=
         guard = stop_on_nonfinite(f"stage {index + entry + 1} ({size[0]}x{size[1]})")  # nan latents end the run
         # 2. The base stage is text-to-image; every later one upscales the last result and refines it.
         if stage.strength is None:
-            with tiled_denoiser(text2img, settings, stats) if tiles else nullcontext():
+            with tiled_denoiser(text2img, settings, stats, forward=tiled_forward) if tiles else nullcontext():
                 arguments = {**shared, **family.call_kwargs(model, "text2img", *size)}
                 latents = text2img(**arguments, generator=generator, output_type="latent",
                                    callback_on_step_end=guard).images
@@ -276,7 +276,7 @@ def generate(pipe, call: dict, cfg, width: int, height: int, seed: int, out_dir=
 
                     save_png(condition, Path(out_dir), f"{stem}-stage{index + entry}-{cfg.controlnet.name}",
                              {"synth-stage": f"ControlNet condition of stage {index + entry} of {stem}"})
-            with tiled_denoiser(img2img, settings, stats) if tiles else nullcontext():
+            with tiled_denoiser(img2img, settings, stats, forward=tiled_forward) if tiles else nullcontext():
                 latents = img2img(**arguments, image=source, strength=stage.strength, generator=generator,
                                   output_type="latent", callback_on_step_end=guard).images
         log.info("stage %d/%d: %dx%d (strength %s, %d steps)", index + 1, len(plan), *size, stage.strength, stage.steps)
@@ -317,17 +317,16 @@ def check_finite_pixels(pixels) -> None:
         raise ValueError("decoding: the VAE produced nan or inf pixels; nothing was written (fp16 overflow? try dtype=fp32)")
 
 
-def check_untiled_fits(pipe, family_name: str, plan: list[Stage], tiling: bool) -> None:
-    """highres.tiled=false above SD3's positional-embedding limit cannot run: say so before sampling."""
-    if tiling or family_name != "sd3":
+def check_untiled_fits(pipe, family, plan: list[Stage], tiling: bool) -> None:
+    """highres.tiled=false above the denoiser's own limit (SD3's positional embedding, read from the loaded
+    weights' config: Family.untiled_limit) cannot run: say so before sampling."""
+    if tiling:
         return
-    from synth.tiled_denoiser import sd3_pos_embed_limit
-
-    limit = sd3_pos_embed_limit(pipe.transformer)
+    limit = family.untiled_limit(pipe)
     largest = max(max(stage.width, stage.height) for stage in plan)
     if limit is not None and largest // pipe.vae_scale_factor > limit:
         raise ValueError(
-            f"highres.tiled=false: this sd3 model's positional embedding covers {limit * pipe.vae_scale_factor} px, "
+            f"highres.tiled=false: this {family.name} model's positional embedding covers {limit * pipe.vae_scale_factor} px, "
             f"the chain reaches {largest} px; use highres.tiled=auto"
         )
 

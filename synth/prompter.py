@@ -171,12 +171,14 @@ def process_prompt(prompt: str, prompter_cfg: DictConfig, seed: int, device, dty
 
 
 def check_prompt_inputs(cfg: DictConfig) -> None:
-    """The prompter group's and textual_inversion's input checks, run by synth.config.check_inputs."""
+    """The prompter group's and textual_inversion's input checks, run by synth.checks.check_inputs."""
+    from synth.families import FAMILIES, get_family
     from synth.textual_inversion import check_textual_inversion
 
+    family = get_family(cfg.model.family)
     check_prompter(cfg)
-    check_textual_inversion(cfg)
-    limit = {"sd3": 512, "kolors": 256}.get(cfg.model.family)  # the pipelines' own limits (T5, ChatGLM)
+    check_textual_inversion(cfg, family, FAMILIES)
+    limit = family.max_sequence_length_limit  # the pipelines' own limits (T5, ChatGLM)
     length = cfg.model.get("max_sequence_length")
     if limit and length is not None and (not isinstance(length, int) or not 1 <= length <= limit):
         raise ValueError(f"model.max_sequence_length={length}: {cfg.model.family} takes 1..{limit} tokens")

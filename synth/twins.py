@@ -31,7 +31,7 @@ from synth.twin_tokenizers import (  # noqa: F401  (CAPTIONS and the trainers ar
     _t5_tokenizer,
 )
 
-FAMILIES = ("sd15", "sdxl", "sd3", "kolors", "hunyuan_dit")
+from synth.families import FAMILIES  # noqa: E402  (each family names its builder: Family.twin_builder)
 PRESETS = ("tiny", "small")
 
 
@@ -85,7 +85,7 @@ CHANNELS_PER_HEAD = 16
 def _check_choice(family: str, preset: str) -> None:
     """Refuses an unknown family or preset with a message naming the allowed ones."""
     if family not in FAMILIES:
-        raise ValueError(f"unknown twin family {family!r}; choose one of {FAMILIES}")
+        raise ValueError(f"unknown twin family {family!r}; choose one of {tuple(FAMILIES)}")
     if preset not in PRESETS:
         raise ValueError(f"unknown twin preset {preset!r}; choose one of {PRESETS}")
 
@@ -448,15 +448,6 @@ def _build_hunyuan_dit(size: TwinSize, seed: int, scratch: Path):
     )
 
 
-BUILDERS = {
-    "sd15": _build_sd15,
-    "sdxl": _build_sdxl,
-    "sd3": _build_sd3,
-    "kolors": _build_kolors,
-    "hunyuan_dit": _build_hunyuan_dit,
-}
-
-
 # --- public API -------------------------------------------------------------------------------
 
 
@@ -477,7 +468,7 @@ def build_twin(family: str, out_dir: str | Path, preset: str = "tiny", seed: int
     _check_choice(family, preset)
     out_dir = Path(out_dir)
     with tempfile.TemporaryDirectory() as scratch:
-        pipeline = BUILDERS[family](SIZES[preset], seed, Path(scratch))
+        pipeline = FAMILIES[family].build_twin(SIZES[preset], seed, Path(scratch))
         pipeline.save_pretrained(out_dir)
     return out_dir
 
