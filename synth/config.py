@@ -12,7 +12,7 @@ from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
 
-from synth.families import get_family
+from synth.families import FAMILIES, get_family
 
 CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
 MAX_SIDE = 16384  # beyond this even tiled sampling needs more than one GPU's host memory
@@ -111,20 +111,40 @@ def check_model_path(model_cfg: DictConfig) -> None:
         if not family.single_file:
             raise ValueError(
                 f"model.path={path}: {family.name} has no single-file format; "
-                "single-file checkpoints are supported for sd15, sdxl and sd3"
+                "single-file checkpoints are supported for "
+                + _and(name for name, each in FAMILIES.items() if each.single_file)
             )
         if not local.is_file():
             raise FileNotFoundError(f"model.path={path}: no such file")
         return
-    if local.exists():
-        if not (local / "model_index.json").is_file():
-            raise ValueError(f"model.path={path}: folder has no model_index.json (not a diffusers pipeline folder)")
+    if check_weights_source("model.path", path, "model_index.json", offline_message=None,  # see check_offline
+                            folder_note=" (not a diffusers pipeline folder)", local_word="path"):
         check_no_pickles(path, local)
-        return
+
+
+def hub_offline() -> bool:
+    """Whether HF_HUB_OFFLINE is set: a hub id then loads only from the local hub cache."""
+    return os.environ.get("HF_HUB_OFFLINE", "0").lower() not in ("0", "false", "no", "")
+
+
+def check_weights_source(where: str, path: str, marker: str, *, offline_message: str | None,
+                         folder_note: str = "", folder_error: type = ValueError, local_word: str = "folder") -> bool:
+    """The one hub/local/offline check of models, ControlNets, annotators and prompters: `path` is an existing
+    local folder holding `marker`, or a hub id, which with HF_HUB_OFFLINE set must have `marker` in the hub cache
+    (refused with `offline_message`; None skips that check). Returns whether the path is local."""
+    local = Path(path).expanduser()
+    if local.exists():
+        if not (local / marker).is_file():
+            raise folder_error(f"{where}={path}: folder has no {marker}{folder_note}")
+        return True
     if not HUB_ID.match(path):
-        raise ValueError(
-            f"model.path={path}: neither an existing local path nor a hub id like 'owner/name'"
-        )
+        raise ValueError(f"{where}={path}: neither an existing local {local_word} nor a hub id like 'owner/name'")
+    if offline_message is not None and hub_offline():
+        from huggingface_hub import try_to_load_from_cache
+
+        if not isinstance(try_to_load_from_cache(path, marker), str):
+            raise FileNotFoundError(offline_message)
+    return False
 
 
 PICKLED = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
@@ -167,20 +187,28 @@ def check_offline(model_cfg: DictConfig) -> None:
     path = str(model_cfg.path)
     if model_cfg.get("twin") or Path(path).expanduser().exists() or not HUB_ID.match(path):
         return
-    if os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("0", "false", "no", ""):
-        return
-    from huggingface_hub import try_to_load_from_cache
-
-    if not isinstance(try_to_load_from_cache(path, "model_index.json"), str):
-        raise offline_error(path)
+    check_weights_source("model.path", path, "model_index.json", offline_message=str(offline_error(path)))
 
 
 def offline_error(path: str) -> FileNotFoundError:
+    twins = ", ".join(twin_models())
     return FileNotFoundError(
         f"model.path={path}: weights are not available offline; download them first, point model.path "
-        "at a local folder or .safetensors file, or use an offline twin (model=tiny_sd15, tiny_sdxl, "
-        "tiny_sdxl_turbo, tiny_sd3, tiny_kolors, tiny_hunyuan_dit)"
+        f"at a local folder or .safetensors file, or use an offline twin (model={twins})"
     )
+
+
+def twin_models() -> list[str]:
+    """The offline twin model configs (conf/model/tiny_*.yaml), registry order, variants after their family."""
+    names = [stem for stem in group_options("model") if stem.startswith("tiny_")]
+    order = list(FAMILIES)
+    return sorted(names, key=lambda stem: (next((i for i, f in enumerate(order) if stem[5:].startswith(f)), len(order)),
+                                           len(stem)))
+
+
+def _and(names) -> str:
+    names = list(names)
+    return ", ".join(names[:-1]) + " and " + names[-1] if len(names) > 1 else "".join(names)
 
 
 def check_init_image(path: str) -> tuple[int, int]:

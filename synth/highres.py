@@ -11,32 +11,18 @@ from __future__ import annotations
 
 import logging
 import math
-from dataclasses import dataclass
 from pathlib import Path
 
 from synth import controlnet
 from synth.config import check_size, parse_size
 from synth.families import get_family
+from synth.stages import Stage, plan_stages, refine_steps, staged  # noqa: F401  (the plan; re-exported)
 
 log = logging.getLogger(__name__)
 
 TILED = ("auto", True, False)
 UPSCALERS = ("lanczos", "latent")
 TILE_DEVICES = ("auto", "cpu")
-
-
-@dataclass(frozen=True)
-class Stage:
-    """One step of the chain: the base text-to-image (strength None) or an image-to-image refinement."""
-
-    width: int
-    height: int
-    strength: float | None
-    steps: int
-
-
-def staged(highres) -> bool:
-    return highres is not None and highres.get("name", "none") != "none"
 
 
 def tile_step(family_name: str) -> int:
@@ -51,47 +37,6 @@ def tile_sizes(highres, native_size: int, family_name: str) -> tuple[int, int]:
     if overlap is None:
         overlap = max(tile // 8, get_family(family_name).size_step // 8)
     return tile, overlap
-
-
-def round_to(value: float, step: int) -> int:
-    return max(step, round(value / step) * step)
-
-
-def plan_stages(highres, family_name: str, native_size: int, width: int, height: int, steps: int) -> list[Stage]:
-    """The chain for a width x height image: the base text-to-image stage, then the refinements.
-
-    Up to the native area the chain is the single base stage at the requested size. Above it, the base has
-    the native area and the requested aspect, and ceil(log2(scale)) refinements grow it by equal factors
-    (each at most 2x) to exactly width x height. Stage strengths come from `highres.strengths[family]`
-    (the last repeats); explicit `highres.stages` replace the planned refinements.
-    """
-    family = get_family(family_name)
-    step = family.size_step
-    scale = math.sqrt(width * height) / native_size
-    if not staged(highres) or (scale <= 1 and not highres.get("stages")):
-        return [Stage(width, height, None, steps)]
-    base = (round_to(width / max(scale, 1), step), round_to(height / max(scale, 1), step))
-    chain = [Stage(*base, None, steps)]
-    if highres.get("stages"):
-        for spec in highres.stages:
-            stage_width, stage_height = parse_size(spec.get("size"), native_size)
-            strength = float(spec.get("strength", 0.5))
-            chain.append(Stage(stage_width, stage_height, strength, spec.get("steps") or refine_steps(steps, strength)))
-        return chain
-    count = max(1, math.ceil(math.log2(scale) - 1e-9))
-    strengths = list(highres.strengths.get(family_name) or [0.5])
-    for index in range(1, count + 1):
-        factor = scale ** (index / count) / scale
-        size = (width, height) if index == count else (round_to(width * factor, step), round_to(height * factor, step))
-        strength = float(strengths[min(index - 1, len(strengths) - 1)])
-        stage_steps = highres.get("stage_steps") or refine_steps(steps, strength)
-        chain.append(Stage(*size, strength, stage_steps))
-    return chain
-
-
-def refine_steps(steps: int, strength: float) -> int:
-    """The run's steps, raised so that floor(steps * strength) >= 1 (a 1-step turbo model still refines)."""
-    return max(steps, math.ceil(1 / strength - 1e-9))
 
 
 def check_highres(cfg, width: int, height: int) -> None:

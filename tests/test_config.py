@@ -4,7 +4,13 @@ import pytest
 from conftest import compose_infer
 
 from synth.checks import check_inputs
-from synth.config import check_size, fitting_schedulers, group_options, parse_size, scheduler_fits
+from synth.config import (
+    check_size,
+    fitting_schedulers,
+    group_options,
+    parse_size,
+    scheduler_fits,
+)
 from synth.families import FAMILIES, get_family
 
 MODELS = group_options("model")

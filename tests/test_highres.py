@@ -9,7 +9,6 @@ from PIL import Image
 from synth.families import FAMILIES
 from synth.highres import Stage, plan_stages, refine_steps
 
-
 pytestmark = pytest.mark.usefixtures("one_thread")  # see conftest
 
 

@@ -11,7 +11,6 @@ from hypothesis import strategies as st
 from synth.families import FAMILIES
 from synth.tiling import Tile, area_overhead, blend_weights, tile_layout, tiled_apply
 
-
 pytestmark = pytest.mark.usefixtures("one_thread")  # see conftest
 
 
@@ -163,9 +162,8 @@ def pipes():
 
 
 def run_pipe(pipe, family, size, settings=None, stats=None):
-    from synth.tiled_denoiser import tiled_denoiser
-
     from synth.families import get_family
+    from synth.tiled_denoiser import tiled_denoiser
 
     call = dict(prompt="a cat", num_inference_steps=2, output_type="latent",
                 **get_family(family).call_kwargs({}, "text2img", size, size))

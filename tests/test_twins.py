@@ -13,7 +13,6 @@ import pytest
 import torch
 
 from synth import twins
-
 from synth.families import get_family
 
 

@@ -3,7 +3,14 @@ mT5 text encoders; its image-to-image pipeline is synth's own (hunyuan_dit_img2i
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 from synth.families.base import Family
+
+if TYPE_CHECKING:
+    from pathlib import Path
+
+    from synth.twin_parts import TwinSize
 
 
 class HunyuanDiT(Family):
@@ -14,7 +21,7 @@ class HunyuanDiT(Family):
     denoiser = "transformer"
     objective = "synth.train.objectives:HunyuanDiT"
     tiled_forward = "synth.families.hunyuan_dit:tiled_forward"
-    twin_builder = "synth.twins:_build_hunyuan_dit"
+    twin_builder = "synth.families.hunyuan_dit:build_twin"
     peft_loaded = True  # HunyuanDiT2DModel has no diffusers LoRA mixin
     tile_step_reason = "the patch size"
 
@@ -65,3 +72,80 @@ def tiled_forward(model, original, settings, stats, hidden_states, timestep, enc
     from diffusers.models.modeling_outputs import Transformer2DModelOutput
 
     return Transformer2DModelOutput(sample=out)
+
+
+# --- the offline twin (synth.twins builds and caches it; the parts are synth.twin_parts) ---
+
+
+def build_twin(size: TwinSize, seed: int, scratch: Path):
+    """Hunyuan-DiT: BERT + mT5 encoders, DiT with patch 2 and cross attention, DDPM with v-prediction."""
+    from diffusers import DDPMScheduler, HunyuanDiT2DModel, HunyuanDiTPipeline
+    from transformers import BertConfig, BertModel
+
+    from synth.twin_parts import (
+        CHANNELS_PER_HEAD,
+        _bert_tokenizer,
+        _seed,
+        _t5_encoder,
+        _t5_tokenizer,
+        _vae,
+    )
+
+    tokenizer = _bert_tokenizer(scratch / "tokenizer")
+    tokenizer_2 = _t5_tokenizer(scratch / "tokenizer_2", model_max_length=1024)  # mT5's context
+    _seed(seed, "text_encoder")
+    text_encoder = BertModel(
+        BertConfig(
+            vocab_size=len(tokenizer),
+            hidden_size=size.text_width,
+            num_hidden_layers=size.text_layers,
+            num_attention_heads=size.text_width // CHANNELS_PER_HEAD,
+            intermediate_size=size.text_width * 4,
+        )
+    )
+    _seed(seed, "text_encoder_2")
+    text_encoder_2 = _t5_encoder(tokenizer_2, size.wide_text_width, size.text_layers)
+    _seed(seed, "transformer")
+    transformer = HunyuanDiT2DModel(
+        num_attention_heads=size.dit_width // CHANNELS_PER_HEAD,
+        attention_head_dim=CHANNELS_PER_HEAD,
+        hidden_size=size.dit_width,
+        in_channels=4,
+        patch_size=2,
+        sample_size=size.sample_size,
+        num_layers=size.dit_layers,
+        learn_sigma=True,  # the real model predicts a variance too; the pipeline drops it
+        cross_attention_dim=size.text_width,  # BERT states
+        cross_attention_dim_t5=size.wide_text_width,  # mT5 states, attention-pooled for the pooled projection
+        pooled_projection_dim=size.text_width,
+        text_len=77,  # the pipeline pads BERT tokens to 77
+        text_len_t5=256,  # and mT5 tokens to 256
+        use_style_cond_and_image_meta_size=True,  # v1.0/v1.1 layout, the diffusers default
+    )
+    _seed(seed, "vae")
+    # Hunyuan-DiT uses the SDXL VAE in its fp16-fix variant, which needs no float32 upcast.
+    vae = _vae(size, latent_channels=4, scaling_factor=0.13025, force_upcast=False)
+    # Tencent-Hunyuan/HunyuanDiT-Diffusers scheduler: DDPM over 1000 steps, scaled_linear 0.00085-0.03,
+    # v-prediction, "leading" spacing with offset 1.
+    scheduler = DDPMScheduler(
+        num_train_timesteps=1000,
+        beta_start=0.00085,
+        beta_end=0.03,
+        beta_schedule="scaled_linear",
+        prediction_type="v_prediction",
+        clip_sample=False,
+        timestep_spacing="leading",
+        steps_offset=1,
+    )
+    return HunyuanDiTPipeline(
+        vae=vae,
+        text_encoder=text_encoder,
+        tokenizer=tokenizer,
+        transformer=transformer,
+        scheduler=scheduler,
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+        text_encoder_2=text_encoder_2,
+        tokenizer_2=tokenizer_2,
+    )

@@ -3,8 +3,15 @@ with CLIP-L, CLIP-G and T5-XXL text encoders."""
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 from synth.families.base import FLOW, Family
 from synth.families.sdxl import CLIP_L_AND_G
+
+if TYPE_CHECKING:
+    from pathlib import Path
+
+    from synth.twin_parts import TwinSize
 
 
 class SD3(Family):
@@ -17,7 +24,7 @@ class SD3(Family):
     prediction = FLOW
     objective = "synth.train.objectives:SD3"
     tiled_forward = "synth.families.sd3:tiled_forward"
-    twin_builder = "synth.twins:_build_sd3"
+    twin_builder = "synth.families.sd3:build_twin"
     # add add_q_proj, add_k_proj, add_v_proj, to_add_out to lora.target_modules for the text stream
     textual_inversion_targets = CLIP_L_AND_G  # the CLIP-L and CLIP-G of SD1.x and SDXL: their embeddings fit
     max_sequence_length_limit = 512  # T5's, as StableDiffusion3Pipeline takes it
@@ -41,7 +48,12 @@ class SD3(Family):
         (StableDiffusion3Pipeline.encode_prompt, with CLIP chunks; T5 keeps model.max_sequence_length)."""
         import torch
 
-        from synth.prompt_encoding import clip_texts, count_chunks, plain_text, two_clips
+        from synth.prompt_encoding import (
+            clip_texts,
+            count_chunks,
+            plain_text,
+            two_clips,
+        )
 
         max_length = int(model_cfg.get("max_sequence_length", 256))
         device = pipe._execution_device
@@ -123,3 +135,75 @@ def tiled_forward(model, original, settings, stats, hidden_states, *args, **kwar
     from diffusers.models.modeling_outputs import Transformer2DModelOutput
 
     return Transformer2DModelOutput(sample=out)
+
+
+# --- the offline twin (synth.twins builds and caches it; the parts are synth.twin_parts) ---
+
+
+def build_twin(size: TwinSize, seed: int, scratch: Path):
+    """SD3: CLIP-L + CLIP-G (both projected) + T5, MMDiT with patch 2, 16-channel VAE, flow matching."""
+    from diffusers import (
+        FlowMatchEulerDiscreteScheduler,
+        SD3Transformer2DModel,
+        StableDiffusion3Pipeline,
+    )
+
+    from synth.twin_parts import (
+        CHANNELS_PER_HEAD,
+        _clip_text_encoder,
+        _clip_tokenizer,
+        _seed,
+        _t5_encoder,
+        _t5_tokenizer,
+        _vae,
+    )
+
+    tokenizer = _clip_tokenizer(scratch / "tokenizer")
+    tokenizer_2 = _clip_tokenizer(scratch / "tokenizer_2", pad_token="!")
+    tokenizer_3 = _t5_tokenizer(scratch / "tokenizer_3", model_max_length=512)  # T5's context
+    clip_l_width, clip_g_width = size.text_width, size.wide_text_width
+    # The pipeline zero-pads CLIP-L ++ CLIP-G features up to T5's width, so T5 must be at least as wide.
+    t5_width = 2 * (clip_l_width + clip_g_width)
+    _seed(seed, "text_encoder")
+    text_encoder = _clip_text_encoder(tokenizer, clip_l_width, size.text_layers, big=False, with_projection=True)
+    _seed(seed, "text_encoder_2")
+    text_encoder_2 = _clip_text_encoder(tokenizer_2, clip_g_width, size.text_layers, big=True, with_projection=True)
+    _seed(seed, "text_encoder_3")
+    text_encoder_3 = _t5_encoder(tokenizer_3, t5_width, size.text_layers)
+    _seed(seed, "transformer")
+    transformer = SD3Transformer2DModel(
+        sample_size=size.sample_size,
+        patch_size=2,
+        in_channels=16,
+        out_channels=16,
+        num_layers=size.dit_layers,
+        attention_head_dim=CHANNELS_PER_HEAD,
+        num_attention_heads=size.dit_width // CHANNELS_PER_HEAD,
+        joint_attention_dim=t5_width,
+        caption_projection_dim=size.dit_width,
+        pooled_projection_dim=clip_l_width + clip_g_width,  # CLIP-L pooled ++ CLIP-G pooled
+        pos_embed_max_size=64,  # patches per side: room for 1024 px images
+    )
+    _seed(seed, "vae")
+    # SD3's VAE: 16 latent channels, its published shift and scale, no quant convs.
+    vae = _vae(
+        size,
+        latent_channels=16,
+        scaling_factor=1.5305,
+        shift_factor=0.0609,
+        use_quant_conv=False,
+        use_post_quant_conv=False,
+    )
+    # stabilityai/stable-diffusion-3-medium-diffusers scheduler: 1000 steps, timestep shift 3.0.
+    scheduler = FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=3.0)
+    return StableDiffusion3Pipeline(
+        transformer=transformer,
+        scheduler=scheduler,
+        vae=vae,
+        text_encoder=text_encoder,
+        tokenizer=tokenizer,
+        text_encoder_2=text_encoder_2,
+        tokenizer_2=tokenizer_2,
+        text_encoder_3=text_encoder_3,
+        tokenizer_3=tokenizer_3,
+    )

@@ -263,7 +263,7 @@ def _fit(cfg: DictConfig, items, family, output_dir: Path, ckpt_path: str | None
     # 3. Build the objective, the module with its LoRA (initialised from the seed), and the data.
     objective = make_objective(family, pipe, cfg.objective)
     torch.manual_seed(cfg.seed)
-    module = LoRAModule(cfg, pipe, family, objective)
+    module = LoRAModule(cfg, pipe, family, objective, dtype)
     from synth.train.resume import run_signature
 
     module.run_signature = run_signature(cfg, items, family)
