@@ -29,7 +29,10 @@ CASES = {
     "highres_lanczos": ["size=128", "highres.tiled=true", "highres.tile_size=8", "highres.tile_overlap=2"],
     "highres_latent": ["size=128", "highres.upscale=latent", "highres.tile_size=8", "highres.tile_overlap=2"],
     "highres_untiled": ["size=128", "highres.tiled=false"],
+    "highres_init": ["size=128", "denoise_strength=0.6", "num_inference_steps=3", "highres.tile_size=8"],  # + init_image
+    "controlnet_tile": ["size=128", "controlnet=tile", "highres.tile_size=8", "highres.tile_overlap=2"],
 }
+NEEDS_INIT = ("img2img", "highres_init")
 
 
 def main() -> None:
@@ -47,10 +50,12 @@ def main() -> None:
     for model in MODELS:
         base = None
         for case, overrides in CASES.items():
-            extra = [f"init_image={base}"] if case == "img2img" else []
+            extra = [f"init_image={base}"] if case in NEEDS_INIT else []
             with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
                 cfg = compose(config_name="infer", overrides=[f"model={model}", "prompt=a red car", "seed=3",
                                                               *overrides, *extra])
+            if case.startswith("controlnet") and not cfg.model.get("controlnets"):
+                continue  # only the families with ControlNet refinement
             out = work / model / case
             with open_dict(cfg):
                 cfg.output_dir = str(out)

@@ -1,4 +1,5 @@
-"""ControlNet during highres refinement (families with a controlnet_img2img pipeline: SD1.x, SDXL): the `controlnet` group, its checks, loading and conditions.
+"""ControlNet during highres refinement (families with a controlnet_img2img pipeline: SD1.x, SDXL): the
+`controlnet` group, its checks, loading and conditions.
 
 `controlnet=tile` conditions every image-to-image refinement on the upscaled image itself (ControlNet 1.1 tile:
 the model adds detail while the layout stays put); `controlnet=lineart` on line art drawn from the upscaled image

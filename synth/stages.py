@@ -65,3 +65,13 @@ def plan_stages(highres, family_name: str, native_size: int, width: int, height:
 def refine_steps(steps: int, strength: float) -> int:
     """The run's steps, raised so that floor(steps * strength) >= 1 (a 1-step turbo model still refines)."""
     return max(steps, math.ceil(1 / strength - 1e-9))
+
+
+def enter_at(plan: list[Stage], image_width: int, image_height: int, strength: float, steps: int):
+    """(entry, the plan from there): an init image enters the chain at the largest stage it matches or exceeds,
+    refined at the run's denoise_strength and steps."""
+    fits = [i for i, stage in enumerate(plan) if stage.width <= image_width and stage.height <= image_height]
+    entry = fits[-1] if fits else 0
+    plan = plan[entry:]
+    plan[0] = Stage(plan[0].width, plan[0].height, strength, steps)
+    return entry, plan

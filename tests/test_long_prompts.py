@@ -3,16 +3,17 @@
 import numpy as np
 import pytest
 import torch
-from conftest import compose_infer, run_cli
+from conftest import compose_infer, family_twins, run_cli
 from PIL import Image
 
 from synth import pipelines
-from synth.infer import infer
 from synth.families import get_family
+from synth.infer import infer
 from synth.prompt_encoding import emphasise, prompt_kwargs, token_chunks
 
 WORDS = "a red car parked on a street at night in the rain"  # 11 tokens for the twins' CLIP tokenizers
 LONG = ", ".join([WORDS] * 8)  # about 95 tokens: two chunks
+CLIP_TWINS = family_twins(lambda family: family.textual_inversion_targets)  # the families that encode with CLIP
 
 
 def pipe_for(model):
@@ -20,7 +21,7 @@ def pipe_for(model):
     return cfg, pipelines.get_pipeline(cfg, torch.device("cpu"), torch.float32)
 
 
-@pytest.mark.parametrize("model", ["tiny_sd15", "tiny_sdxl", "tiny_sd3"])
+@pytest.mark.parametrize("model", CLIP_TWINS)
 @pytest.mark.parametrize("negative", ["", "blurry, ugly"])
 def test_short_prompt_embeddings_equal_diffusers(model, negative):
     cfg, pipe = pipe_for(model)
@@ -38,7 +39,7 @@ def test_short_prompt_embeddings_equal_diffusers(model, negative):
             assert torch.equal(ours[name], expected), name
 
 
-@pytest.mark.parametrize("model", ["tiny_sd15", "tiny_sdxl", "tiny_sd3"])
+@pytest.mark.parametrize("model", CLIP_TWINS)
 def test_long_prompt_is_chunked_and_negative_padded(model):
     cfg, pipe = pipe_for(model)
     tokenizer = pipe.tokenizer
