@@ -29,7 +29,7 @@ import torch  # noqa: E402
 from hydra import compose, initialize_config_dir  # noqa: E402
 
 from synth import highres, pipelines  # noqa: E402
-from synth.config import check_inputs  # noqa: E402
+from synth.checks import check_inputs  # noqa: E402
 
 VARIANTS = {
     "none (baseline)": ["controlnet=none"],

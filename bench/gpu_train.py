@@ -40,7 +40,7 @@ def build(family: str):
         UNet2DConditionModel,
     )
 
-    from synth.train.objectives import OBJECTIVES
+    from synth.families import get_family
 
     objective_cfg = OmegaConf.create(
         {"timestep_sampling": "logit_normal", "logit_mean": 0.0, "logit_std": 1.0, "mode_scale": 1.29,
@@ -84,7 +84,7 @@ def build(family: str):
         cond = {"encoder_hidden_states": torch.randn(1, 77, 1024), "text_embedding_mask": torch.ones(1, 77),
                 "encoder_hidden_states_t5": torch.randn(1, 256, 2048), "text_embedding_mask_t5": torch.ones(1, 256)}
         channels = 4
-    objective = OBJECTIVES[family](pipe, objective_cfg)
+    objective = get_family(family).objective_class()(pipe, objective_cfg)
     cond = {key: value.cuda() for key, value in cond.items()}
     latents = torch.randn(1, channels, 128, 128, device="cuda")
     return denoiser, objective, cond, batch, latents
@@ -96,7 +96,7 @@ def bench(family: str, steps: int, rank: int, checkpointing: bool) -> tuple[floa
     denoiser, objective, cond, batch, latents = build(family)
     denoiser.to("cuda", torch.bfloat16)
     lora_cfg = OmegaConf.create({"rank": rank, "alpha": rank, "dropout": 0.0, "init": True, "target_modules": None})
-    params = add_lora(denoiser, lora_cfg, family)
+    params = add_lora(denoiser, lora_cfg, get_family(family))
     if checkpointing:
         denoiser.enable_gradient_checkpointing()
     denoiser.train()

@@ -1,4 +1,4 @@
-"""Config helpers: OmegaConf resolvers, size parsing and the input checks that run before any model loads.
+"""Config helpers: OmegaConf resolvers, size parsing and the path checks the input checks (synth.checks) use.
 
 Nothing here imports torch or diffusers, so a bad command line fails in well under a second.
 """
@@ -12,8 +12,7 @@ from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
 
-from synth.families import get_family
-from synth.loras import check_lora_inputs
+from synth.families import FAMILIES, get_family
 
 CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
 MAX_SIDE = 16384  # beyond this even tiled sampling needs more than one GPU's host memory
@@ -112,20 +111,40 @@ def check_model_path(model_cfg: DictConfig) -> None:
         if not family.single_file:
             raise ValueError(
                 f"model.path={path}: {family.name} has no single-file format; "
-                "single-file checkpoints are supported for sd15, sdxl and sd3"
+                "single-file checkpoints are supported for "
+                + _and(name for name, each in FAMILIES.items() if each.single_file)
             )
         if not local.is_file():
             raise FileNotFoundError(f"model.path={path}: no such file")
         return
-    if local.exists():
-        if not (local / "model_index.json").is_file():
-            raise ValueError(f"model.path={path}: folder has no model_index.json (not a diffusers pipeline folder)")
+    if check_weights_source("model.path", path, "model_index.json", offline_message=None,  # see check_offline
+                            folder_note=" (not a diffusers pipeline folder)", local_word="path"):
         check_no_pickles(path, local)
-        return
+
+
+def hub_offline() -> bool:
+    """Whether HF_HUB_OFFLINE is set: a hub id then loads only from the local hub cache."""
+    return os.environ.get("HF_HUB_OFFLINE", "0").lower() not in ("0", "false", "no", "")
+
+
+def check_weights_source(where: str, path: str, marker: str, *, offline_message: str | None,
+                         folder_note: str = "", folder_error: type = ValueError, local_word: str = "folder") -> bool:
+    """The one hub/local/offline check of models, ControlNets, annotators and prompters: `path` is an existing
+    local folder holding `marker`, or a hub id, which with HF_HUB_OFFLINE set must have `marker` in the hub cache
+    (refused with `offline_message`; None skips that check). Returns whether the path is local."""
+    local = Path(path).expanduser()
+    if local.exists():
+        if not (local / marker).is_file():
+            raise folder_error(f"{where}={path}: folder has no {marker}{folder_note}")
+        return True
     if not HUB_ID.match(path):
-        raise ValueError(
-            f"model.path={path}: neither an existing local path nor a hub id like 'owner/name'"
-        )
+        raise ValueError(f"{where}={path}: neither an existing local {local_word} nor a hub id like 'owner/name'")
+    if offline_message is not None and hub_offline():
+        from huggingface_hub import try_to_load_from_cache
+
+        if not isinstance(try_to_load_from_cache(path, marker), str):
+            raise FileNotFoundError(offline_message)
+    return False
 
 
 PICKLED = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
@@ -168,20 +187,28 @@ def check_offline(model_cfg: DictConfig) -> None:
     path = str(model_cfg.path)
     if model_cfg.get("twin") or Path(path).expanduser().exists() or not HUB_ID.match(path):
         return
-    if os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("0", "false", "no", ""):
-        return
-    from huggingface_hub import try_to_load_from_cache
-
-    if not isinstance(try_to_load_from_cache(path, "model_index.json"), str):
-        raise offline_error(path)
+    check_weights_source("model.path", path, "model_index.json", offline_message=str(offline_error(path)))
 
 
 def offline_error(path: str) -> FileNotFoundError:
+    twins = ", ".join(twin_models())
     return FileNotFoundError(
         f"model.path={path}: weights are not available offline; download them first, point model.path "
-        "at a local folder or .safetensors file, or use an offline twin (model=tiny_sd15, tiny_sdxl, "
-        "tiny_sdxl_turbo, tiny_sd3, tiny_kolors, tiny_hunyuan_dit)"
+        f"at a local folder or .safetensors file, or use an offline twin (model={twins})"
     )
+
+
+def twin_models() -> list[str]:
+    """The offline twin model configs (conf/model/tiny_*.yaml), registry order, variants after their family."""
+    names = [stem for stem in group_options("model") if stem.startswith("tiny_")]
+    order = list(FAMILIES)
+    return sorted(names, key=lambda stem: (next((i for i, f in enumerate(order) if stem[5:].startswith(f)), len(order)),
+                                           len(stem)))
+
+
+def _and(names) -> str:
+    names = list(names)
+    return ", ".join(names[:-1]) + " and " + names[-1] if len(names) > 1 else "".join(names)
 
 
 def check_init_image(path: str) -> tuple[int, int]:
@@ -192,78 +219,22 @@ def check_init_image(path: str) -> tuple[int, int]:
     return open_image_as_viewed(path, "init_image").size
 
 
-def check_inputs(cfg: DictConfig) -> tuple[int, int]:
-    """Validate an infer config before anything heavy runs; returns (width, height)."""
-    check_finite(cfg)  # first: a nan fails every comparison below, so `nan < 0` would let it through
-    model = cfg.model
-    family = get_family(model.family)
-    scheduler = cfg.scheduler
-    if family.name not in scheduler.families:
-        raise ValueError(
-            f"scheduler={scheduler.name} does not fit {family.name} "
-            f"(it suits {', '.join(scheduler.families)}); for {family.name} use one of: "
-            + ", ".join(fitting_schedulers(family.name))
-        )
-    if cfg.device not in DEVICES:
-        raise ValueError(f"device={cfg.device}: choose one of {', '.join(DEVICES)}")
-    if cfg.dtype not in DTYPES:
-        raise ValueError(f"dtype={cfg.dtype}: choose one of {', '.join(DTYPES)}")
-    offload = cfg.get("offload", "none")
-    if offload not in OFFLOADS:
-        raise ValueError(f"offload={offload}: choose one of {', '.join(OFFLOADS)}")
-    if offload != "none" and cfg.device in ("cpu", "mps"):
-        raise ValueError(f"offload={offload} moves weights between the CPU and a CUDA GPU; device={cfg.device} has none "
-                         "(use offload=none)")
-    steps = cfg.num_inference_steps if cfg.num_inference_steps is not None else model.num_inference_steps
-    if not isinstance(steps, int) or isinstance(steps, bool) or steps < 1:
-        raise ValueError(f"num_inference_steps={steps}: must be an integer >= 1")
-    if not isinstance(cfg.num_images, int) or cfg.num_images < 1:
-        raise ValueError(f"num_images={cfg.num_images}: must be an integer >= 1")
-    guidance = cfg.guidance_scale if cfg.guidance_scale is not None else model.guidance_scale
-    if isinstance(guidance, bool) or not isinstance(guidance, (int, float)) or not 0 <= guidance < math.inf:
-        raise ValueError(f"guidance_scale={guidance}: must be a finite number >= 0")
-    if not isinstance(cfg.seed, int) or isinstance(cfg.seed, bool) or not 0 <= cfg.seed < 2**63:
-        raise ValueError(f"seed={cfg.seed}: must be an integer in [0, 2**63)")
-    width, height = parse_size(cfg.size, model.native_size)
-    check_size(width, height, family.name)
-    if cfg.init_image is not None:
-        image_size = check_init_image(str(cfg.init_image))
-        if cfg.size is None:  # image-to-image keeps the init image's size unless size= asks for another
-            width, height = image_size
-            if width % family.size_step or height % family.size_step:
-                raise ValueError(
-                    f"init_image={cfg.init_image}: its size {width}x{height} is not a multiple of "
-                    f"{family.size_step} ({family.name}); pass size=WxH to resize it"
-                )
-        strength = cfg.denoise_strength
-        if not isinstance(strength, (int, float)) or not 0 < strength <= 1:
-            raise ValueError(f"denoise_strength={strength}: must be in (0, 1]")
-        if family.img2img_steps(steps, strength) < 1:
-            raise ValueError(
-                f"denoise_strength={strength} with num_inference_steps={steps} runs no step "
-                "(image-to-image runs about steps * strength steps); raise either"
-            )
-    # here, not at the top: synth.highres and synth.controlnet import this module
-    from synth.controlnet import check_controlnet
-    from synth.highres import check_highres
+def scheduler_fits(scheduler_cfg, family) -> bool:
+    """Whether a scheduler config fits the family: its `fits` list names the family's prediction kind."""
+    return family.prediction in scheduler_cfg.fits
 
-    check_highres(cfg, width, height)  # highres group: tiles, stages, strengths
-    check_controlnet(cfg, width, height)  # controlnet group: family, paths, scales
-    check_model_path(model)
-    check_offline(model)
-    check_lora_inputs(cfg.get("lora"), family.name)
-    from synth.prompter import check_prompt_inputs  # here, not at the top: synth.prompter imports this module
 
-    check_prompt_inputs(cfg)  # prompter group and textual_inversion
-    return width, height
+def scheduler_families(scheduler_cfg) -> list[str]:
+    """The registered families a scheduler config fits."""
+    from synth.families import FAMILIES
+
+    return [name for name, family in FAMILIES.items() if scheduler_fits(scheduler_cfg, family)]
 
 
 def fitting_schedulers(family_name: str) -> list[str]:
-    names = []
-    for file in sorted((CONF_DIR / "scheduler").glob("*.yaml")):
-        if family_name in OmegaConf.load(file).families:
-            names.append(file.stem)
-    return names
+    family = get_family(family_name)
+    return [file.stem for file in sorted((CONF_DIR / "scheduler").glob("*.yaml"))
+            if scheduler_fits(OmegaConf.load(file), family)]
 
 
 def group_options(group: str) -> list[str]:

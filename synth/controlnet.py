@@ -1,4 +1,5 @@
-"""ControlNet during highres refinement (sd15, sdxl): the `controlnet` group, its checks, loading and conditions.
+"""ControlNet during highres refinement (families with a controlnet_img2img pipeline: SD1.x, SDXL): the
+`controlnet` group, its checks, loading and conditions.
 
 `controlnet=tile` conditions every image-to-image refinement on the upscaled image itself (ControlNet 1.1 tile:
 the model adds detail while the layout stays put); `controlnet=lineart` on line art drawn from the upscaled image
@@ -10,10 +11,9 @@ alongside the UNet. `check_controlnet` needs no torch, so bad input fails before
 from __future__ import annotations
 
 import logging
-import os
 from pathlib import Path
 
-from synth.families import get_family
+from synth.families import FAMILIES, get_family
 
 log = logging.getLogger(__name__)
 
@@ -37,11 +37,11 @@ def annotator_path(cfg) -> str | None:
 
 
 def check_controlnet(cfg, width: int, height: int) -> None:
-    """Refuse a ControlNet setting that cannot run, before any model loads (from synth.config.check_inputs)."""
+    """Refuse a ControlNet setting that cannot run, before any model loads (from synth.checks.check_inputs)."""
     if not active(cfg):
         return
-    from synth.config import HUB_ID
-    from synth.highres import plan_stages, staged
+    from synth.config import check_weights_source
+    from synth.stages import plan_stages, staged
 
     control, model = cfg.controlnet, cfg.model
     family = get_family(model.family)
@@ -50,7 +50,7 @@ def check_controlnet(cfg, width: int, height: int) -> None:
     if name not in KINDS:
         raise ValueError(f"{where}: choose one of {', '.join(KINDS)}")
     if family.controlnet_img2img is None:
-        supported = ", ".join(n for n in ("sd15", "sdxl") if get_family(n).controlnet_img2img)
+        supported = ", ".join(name for name, each in FAMILIES.items() if each.controlnet_img2img)
         raise ValueError(f"{where}: ControlNet refinement is available for {supported}; model family {family.name} has none")
     if not staged(cfg.get("highres")):
         raise ValueError(f"{where} steers the highres chain's refinements, and highres=none turns the chain off; "
@@ -86,20 +86,11 @@ def check_controlnet(cfg, width: int, height: int) -> None:
             )
         if model.get("twin"):
             continue  # built on first use next to the model's twin
-        local = Path(str(path)).expanduser()
-        if local.exists():
-            if not (local / marker).is_file():
-                raise FileNotFoundError(f"controlnet.{key}={path}: folder has no {marker}")
-        elif not HUB_ID.match(str(path)):
-            raise ValueError(f"controlnet.{key}={path}: neither an existing local folder nor a hub id like 'owner/name'")
-        elif os.environ.get("HF_HUB_OFFLINE", "0").lower() not in ("0", "false", "no", ""):
-            from huggingface_hub import try_to_load_from_cache
-
-            if not isinstance(try_to_load_from_cache(str(path), marker), str):
-                raise FileNotFoundError(
-                    f"controlnet.{key}={path}: {marker} is not available offline (HF_HUB_OFFLINE is set); download "
-                    f"it first or point controlnet.{key} at a local folder"
-                )
+        check_weights_source(
+            f"controlnet.{key}", str(path), marker, folder_error=FileNotFoundError,
+            offline_message=f"controlnet.{key}={path}: {marker} is not available offline (HF_HUB_OFFLINE is set); "
+                            f"download it first or point controlnet.{key} at a local folder",
+        )
 
 
 def ensure_twins(cfg) -> None:

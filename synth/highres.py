@@ -10,40 +10,23 @@ before anything loads; `generate` runs the chain.
 from __future__ import annotations
 
 import logging
-import math
-from dataclasses import dataclass
 from pathlib import Path
 
 from synth import controlnet
 from synth.config import check_size, parse_size
 from synth.families import get_family
+from synth.stages import Stage, enter_at, plan_stages, refine_steps, staged  # noqa: F401  (the plan; re-exported)
 
 log = logging.getLogger(__name__)
 
 TILED = ("auto", True, False)
 UPSCALERS = ("lanczos", "latent")
 TILE_DEVICES = ("auto", "cpu")
-UNET_TILE_STEP = 8  # latent pixels: a UNet halves the latent three times, so a tile must divide by 8
-
-
-@dataclass(frozen=True)
-class Stage:
-    """One step of the chain: the base text-to-image (strength None) or an image-to-image refinement."""
-
-    width: int
-    height: int
-    strength: float | None
-    steps: int
-
-
-def staged(highres) -> bool:
-    return highres is not None and highres.get("name", "none") != "none"
 
 
 def tile_step(family_name: str) -> int:
     """Tile sizes are multiples of this many latent pixels: 8 for UNets, the patch size for DiTs."""
-    family = get_family(family_name)
-    return family.size_step // 8 if family.kind == "dit" else UNET_TILE_STEP
+    return get_family(family_name).tile_step
 
 
 def tile_sizes(highres, native_size: int, family_name: str) -> tuple[int, int]:
@@ -55,49 +38,8 @@ def tile_sizes(highres, native_size: int, family_name: str) -> tuple[int, int]:
     return tile, overlap
 
 
-def round_to(value: float, step: int) -> int:
-    return max(step, round(value / step) * step)
-
-
-def plan_stages(highres, family_name: str, native_size: int, width: int, height: int, steps: int) -> list[Stage]:
-    """The chain for a width x height image: the base text-to-image stage, then the refinements.
-
-    Up to the native area the chain is the single base stage at the requested size. Above it, the base has
-    the native area and the requested aspect, and ceil(log2(scale)) refinements grow it by equal factors
-    (each at most 2x) to exactly width x height. Stage strengths come from `highres.strengths[family]`
-    (the last repeats); explicit `highres.stages` replace the planned refinements.
-    """
-    family = get_family(family_name)
-    step = family.size_step
-    scale = math.sqrt(width * height) / native_size
-    if not staged(highres) or (scale <= 1 and not highres.get("stages")):
-        return [Stage(width, height, None, steps)]
-    base = (round_to(width / max(scale, 1), step), round_to(height / max(scale, 1), step))
-    chain = [Stage(*base, None, steps)]
-    if highres.get("stages"):
-        for spec in highres.stages:
-            stage_width, stage_height = parse_size(spec.get("size"), native_size)
-            strength = float(spec.get("strength", 0.5))
-            chain.append(Stage(stage_width, stage_height, strength, spec.get("steps") or refine_steps(steps, strength)))
-        return chain
-    count = max(1, math.ceil(math.log2(scale) - 1e-9))
-    strengths = list(highres.strengths.get(family_name) or [0.5])
-    for index in range(1, count + 1):
-        factor = scale ** (index / count) / scale
-        size = (width, height) if index == count else (round_to(width * factor, step), round_to(height * factor, step))
-        strength = float(strengths[min(index - 1, len(strengths) - 1)])
-        stage_steps = highres.get("stage_steps") or refine_steps(steps, strength)
-        chain.append(Stage(*size, strength, stage_steps))
-    return chain
-
-
-def refine_steps(steps: int, strength: float) -> int:
-    """The run's steps, raised so that floor(steps * strength) >= 1 (a 1-step turbo model still refines)."""
-    return max(steps, math.ceil(1 / strength - 1e-9))
-
-
 def check_highres(cfg, width: int, height: int) -> None:
-    """Refuse bad highres settings before any model loads (called from synth.config.check_inputs)."""
+    """Refuse bad highres settings before any model loads (called from synth.checks.check_inputs)."""
     highres = cfg.get("highres")
     if not staged(highres):
         return
@@ -119,7 +61,7 @@ def check_highres(cfg, width: int, height: int) -> None:
         if not isinstance(value, int) or isinstance(value, bool) or value < step or value % step:
             raise ValueError(
                 f"highres.{key}={value}: must be a positive multiple of {step} latent pixels for {family.name} "
-                f"({'the UNet halves the latent 3 times' if family.kind == 'unet' else 'the patch size'})"
+                f"({family.tile_step_reason})"
             )
     tile, overlap = tile_sizes(highres, model.native_size, family.name)
     if not isinstance(overlap, int) or isinstance(overlap, bool) or not 0 <= overlap < tile:
@@ -135,10 +77,11 @@ def check_highres(cfg, width: int, height: int) -> None:
         raise ValueError(f"highres.stage_steps={stage_steps}: must be an integer >= 1")
     if highres.get("stages"):
         check_stages(highres, model, family, width, height)
-    if family.name == "sd3" and tiled is False and max(width, height) > 3072:
+    limit = family.untiled_limit_px  # the released weights'; check_untiled_fits reads the loaded config
+    if limit is not None and tiled is False and max(width, height) > limit:
         raise ValueError(
-            f"highres.tiled=false: sd3 cannot run untiled at {width}x{height} (its positional embedding covers "
-            "3072 px); use highres.tiled=auto"
+            f"highres.tiled=false: {family.name} cannot run untiled at {width}x{height} (its positional embedding "
+            f"covers {limit} px); use highres.tiled=auto"
         )
 
 
@@ -180,7 +123,7 @@ def tile_settings(highres, model, family_name: str, vae_scale_factor: int):
     from synth.tiled_denoiser import TileSettings
 
     tile, overlap = tile_sizes(highres, model.native_size, family_name)
-    align = get_family(family_name).size_step // 8
+    align = get_family(family_name).tile_align
     return TileSettings(tile, overlap, int(highres.get("tile_batch_size", 4)), align, vae_scale_factor)
 
 
@@ -195,99 +138,142 @@ def generate(pipe, call: dict, cfg, width: int, height: int, seed: int, out_dir=
     highres, model = cfg.get("highres"), cfg.model
     family = get_family(model.family)
     steps = call["num_inference_steps"]
+
+    # 1. Plan the chain (synth.stages); at or below native size it is one plain pipeline call.
     plan = plan_stages(highres, family.name, model.native_size, width, height, steps)
     stats: dict = {"stages": [f"{stage.width}x{stage.height}" for stage in plan]}
     control = controlnet.active(cfg)
     if not staged(highres) or (
         len(plan) == 1 and not control and not needs_tiling(highres, model, family.name, width, height)
     ):
-        # at or below native size: as diffusers does it; "np" and then numpy_to_pil is what "pil" does, bit for bit,
-        # with a look at the pixels in between
+        # as diffusers does it; "np" and then numpy_to_pil is what "pil" does, bit for bit, with a look at the pixels
         pixels = pipe(**call, generator=generator, output_type="np", callback_on_step_end=stop_on_nonfinite()).images
         check_finite_pixels(pixels)
         return pipe.image_processor.numpy_to_pil(pixels)[0], stats
 
-    from contextlib import nullcontext
-
-    from PIL import Image
-
-    from synth.tiled_denoiser import tiled_denoiser
-
-    # exact class checks: synth's Hunyuan-DiT image-to-image pipeline subclasses the text-to-image one
-    text2img, img2img = (
-        pipe if type(pipe) is family.pipeline_class(task) else family.pipeline_class(task).from_pipe(pipe)
-        for task in ("text2img", "img2img")
-    )
-    for each in (text2img, img2img):
-        each.set_progress_bar_config(**getattr(pipe, "_progress_bar_config", {}))
-    if control:  # every refinement steers with the ControlNet, through the same shared components
-        img2img = controlnet.pipeline(pipe, cfg)
-    settings = tile_settings(highres, model, family.name, pipe.vae_scale_factor)
-    tiling = highres.get("tiled", "auto")
-    shared = {key: value for key, value in call.items() if key not in ("image", "strength", "width", "height")}
-    upscale = highres.get("upscale", "lanczos")
-
-    # 1. Where the chain starts: an init image enters at the largest stage it matches or exceeds.
-    entry, image = 0, None
+    # 2. An init image enters the chain at the largest stage it matches or exceeds.
+    image = None
     if cfg.get("init_image") is not None:
         from synth.images import open_image_as_viewed
 
         image = open_image_as_viewed(str(cfg.init_image), "init_image")  # as infer.py reads it: EXIF-rotated
-        fits = [i for i, stage in enumerate(plan) if stage.width <= image.width and stage.height <= image.height]
-        entry = fits[-1] if fits else 0
-        plan = plan[entry:]
-        plan[0] = Stage(plan[0].width, plan[0].height, float(cfg.denoise_strength), steps)
+        entry, plan = enter_at(plan, image.width, image.height, float(cfg.denoise_strength), steps)
+    else:
+        entry = 0
     stats["entry"] = entry
-    check_untiled_fits(pipe, family.name, plan, tiling is not False)
+    tiling = highres.get("tiled", "auto")
+    check_untiled_fits(pipe, family, plan, tiling is not False)
 
+    # 3. The stages' pipelines, sharing pipe's weights; the ControlNet steers every refinement.
+    run = ChainRun(pipe, cfg, family, generator, stats, out_dir, stem, entry)
+    shared = {key: value for key, value in call.items() if key not in ("image", "strength", "width", "height")}
+
+    # 4. Run the stages: the base is text-to-image; every later one upscales the last result and refines it.
     latents = None
     for index, stage in enumerate(plan):
-        size = (stage.width, stage.height)
-        # tiled=true sends every stage through the tiler (one tile when the latent fits: bitwise the plain call);
-        # auto only the stages whose latent is larger than a tile
-        tiles = tiling is True or (tiling == "auto" and max(size) // pipe.vae_scale_factor > settings.tile_size)
-        guard = stop_on_nonfinite(f"stage {index + entry + 1} ({size[0]}x{size[1]})")  # nan latents end the run
-        # 2. The base stage is text-to-image; every later one upscales the last result and refines it.
         if stage.strength is None:
-            with tiled_denoiser(text2img, settings, stats) if tiles else nullcontext():
-                arguments = {**shared, **family.call_kwargs(model, "text2img", *size)}
-                latents = text2img(**arguments, generator=generator, output_type="latent",
-                                   callback_on_step_end=guard).images
+            latents = run.base(stage, index, shared)
         else:
-            if latents is not None and upscale == "latent":
-                source = torch.nn.functional.interpolate(
-                    latents, size=(stage.height // pipe.vae_scale_factor, stage.width // pipe.vae_scale_factor),
-                    mode="bilinear", align_corners=False,
-                )
-                if control:  # the condition is an image: decode the last stage for it
-                    image = decode(pipe, latents, highres, model, family.name).resize(size, Image.LANCZOS)
-            else:
-                if latents is not None:
-                    image = decode(pipe, latents, highres, model, family.name)
-                if image.size != size:
-                    image = image.resize(size, Image.LANCZOS)
-                source = encode(pipe, image, highres, model, family.name)
-            arguments = {**shared, **family.call_kwargs(model, "img2img", *size), "num_inference_steps": stage.steps}
-            if control:  # 3. ControlNet: the upscaled image (tile) or its line art (lineart) steers the refinement
-                condition = controlnet.condition(cfg, image, img2img._execution_device)
-                arguments.update(control_image=condition, **controlnet.call_kwargs(cfg))
-                if highres.get("save_intermediate") and out_dir is not None and cfg.controlnet.name != "tile":
-                    from synth.images import save_png
-
-                    save_png(condition, Path(out_dir), f"{stem}-stage{index + entry}-{cfg.controlnet.name}",
-                             {"synth-stage": f"ControlNet condition of stage {index + entry} of {stem}"})
-            with tiled_denoiser(img2img, settings, stats) if tiles else nullcontext():
-                latents = img2img(**arguments, image=source, strength=stage.strength, generator=generator,
-                                  output_type="latent", callback_on_step_end=guard).images
-        log.info("stage %d/%d: %dx%d (strength %s, %d steps)", index + 1, len(plan), *size, stage.strength, stage.steps)
-        # 4. Intermediate images on request, written beside the final one.
+            latents, image = run.refine(stage, index, shared, latents, image)
+        log.info("stage %d/%d: %dx%d (strength %s, %d steps)", index + 1, len(plan), stage.width, stage.height,
+                 stage.strength, stage.steps)
+        # 5. Intermediate images on request, written beside the final one.
         if highres.get("save_intermediate") and index < len(plan) - 1 and out_dir is not None:
-            from synth.images import save_png
+            run.save_intermediate(latents, stage, index)
 
-            intermediate = decode(pipe, latents, highres, model, family.name)
-            save_png(intermediate, Path(out_dir), f"{stem}-stage{index + entry}-{size[0]}x{size[1]}",
-                     {"synth-stage": f"stage {index + entry} of {stem}: {size[0]}x{size[1]}"})
+    # 6. Decode the last stage.
     return decode(pipe, latents, highres, model, family.name), stats
+
+
+class ChainRun:
+    """The pipelines and settings one run of the chain shares between its stages (see `generate`)."""
+
+    def __init__(self, pipe, cfg, family, generator, stats: dict, out_dir, stem: str, entry: int):
+        # exact class checks: synth's Hunyuan-DiT image-to-image pipeline subclasses the text-to-image one
+        self.text2img, self.img2img = (
+            pipe if type(pipe) is family.pipeline_class(task) else family.pipeline_class(task).from_pipe(pipe)
+            for task in ("text2img", "img2img")
+        )
+        for each in (self.text2img, self.img2img):
+            each.set_progress_bar_config(**getattr(pipe, "_progress_bar_config", {}))
+        self.control = controlnet.active(cfg)
+        if self.control:
+            self.img2img = controlnet.pipeline(pipe, cfg)
+        self.pipe, self.cfg, self.family, self.generator, self.stats = pipe, cfg, family, generator, stats
+        self.highres, self.model = cfg.get("highres"), cfg.model
+        self.out_dir, self.stem, self.entry = out_dir, stem, entry
+        self.settings = tile_settings(self.highres, self.model, family.name, pipe.vae_scale_factor)
+        self.tiled_forward = family.tiled_forward_function()
+
+    def tiles(self, size) -> bool:
+        """tiled=true sends every stage through the tiler (one tile when the latent fits: bitwise the plain call);
+        auto only the stages whose latent is larger than a tile."""
+        tiling = self.highres.get("tiled", "auto")
+        return tiling is True or (tiling == "auto" and max(size) // self.pipe.vae_scale_factor > self.settings.tile_size)
+
+    def tiled(self, pipe, size):
+        from contextlib import nullcontext
+
+        from synth.tiled_denoiser import tiled_denoiser
+
+        if not self.tiles(size):
+            return nullcontext()
+        return tiled_denoiser(pipe, self.settings, self.stats, forward=self.tiled_forward)
+
+    def guard(self, index: int, size):
+        return stop_on_nonfinite(f"stage {index + self.entry + 1} ({size[0]}x{size[1]})")  # nan latents end the run
+
+    def base(self, stage, index: int, shared: dict):
+        """The base stage: text-to-image at the stage's size, as latents."""
+        size = (stage.width, stage.height)
+        with self.tiled(self.text2img, size):
+            arguments = {**shared, **self.family.call_kwargs(self.model, "text2img", *size)}
+            return self.text2img(**arguments, generator=self.generator, output_type="latent",
+                                 callback_on_step_end=self.guard(index, size)).images
+
+    def refine(self, stage, index: int, shared: dict, latents, image):
+        """A refinement: upscale the last latents (or the init image) to the stage's size and run image-to-image
+        at its strength, steered by the ControlNet if one is active. Returns (latents, the upscaled image)."""
+        import torch
+        from PIL import Image
+
+        pipe, highres, model, name = self.pipe, self.highres, self.model, self.family.name
+        size = (stage.width, stage.height)
+        if latents is not None and highres.get("upscale", "lanczos") == "latent":
+            source = torch.nn.functional.interpolate(
+                latents, size=(stage.height // pipe.vae_scale_factor, stage.width // pipe.vae_scale_factor),
+                mode="bilinear", align_corners=False,
+            )
+            if self.control:  # the condition is an image: decode the last stage for it
+                image = decode(pipe, latents, highres, model, name).resize(size, Image.LANCZOS)
+        else:
+            if latents is not None:
+                image = decode(pipe, latents, highres, model, name)
+            if image.size != size:
+                image = image.resize(size, Image.LANCZOS)
+            source = encode(pipe, image, highres, model, name)
+        arguments = {**shared, **self.family.call_kwargs(model, "img2img", *size), "num_inference_steps": stage.steps}
+        if self.control:  # the upscaled image (tile) or its line art (lineart) steers the refinement
+            condition = controlnet.condition(self.cfg, image, self.img2img._execution_device)
+            arguments.update(control_image=condition, **controlnet.call_kwargs(self.cfg))
+            if highres.get("save_intermediate") and self.out_dir is not None and self.cfg.controlnet.name != "tile":
+                from synth.images import save_png
+
+                number = index + self.entry
+                save_png(condition, Path(self.out_dir), f"{self.stem}-stage{number}-{self.cfg.controlnet.name}",
+                         {"synth-stage": f"ControlNet condition of stage {number} of {self.stem}"})
+        with self.tiled(self.img2img, size):
+            latents = self.img2img(**arguments, image=source, strength=stage.strength, generator=self.generator,
+                                   output_type="latent", callback_on_step_end=self.guard(index, size)).images
+        return latents, image
+
+    def save_intermediate(self, latents, stage, index: int) -> None:
+        from synth.images import save_png
+
+        number, size = index + self.entry, f"{stage.width}x{stage.height}"
+        intermediate = decode(self.pipe, latents, self.highres, self.model, self.family.name)
+        save_png(intermediate, Path(self.out_dir), f"{self.stem}-stage{number}-{size}",
+                 {"synth-stage": f"stage {number} of {self.stem}: {size}"})
 
 
 def stop_on_nonfinite(where: str = "sampling"):
@@ -317,17 +303,16 @@ def check_finite_pixels(pixels) -> None:
         raise ValueError("decoding: the VAE produced nan or inf pixels; nothing was written (fp16 overflow? try dtype=fp32)")
 
 
-def check_untiled_fits(pipe, family_name: str, plan: list[Stage], tiling: bool) -> None:
-    """highres.tiled=false above SD3's positional-embedding limit cannot run: say so before sampling."""
-    if tiling or family_name != "sd3":
+def check_untiled_fits(pipe, family, plan: list[Stage], tiling: bool) -> None:
+    """highres.tiled=false above the denoiser's own limit (SD3's positional embedding, read from the loaded
+    weights' config: Family.untiled_limit) cannot run: say so before sampling."""
+    if tiling:
         return
-    from synth.tiled_denoiser import sd3_pos_embed_limit
-
-    limit = sd3_pos_embed_limit(pipe.transformer)
+    limit = family.untiled_limit(pipe)
     largest = max(max(stage.width, stage.height) for stage in plan)
     if limit is not None and largest // pipe.vae_scale_factor > limit:
         raise ValueError(
-            f"highres.tiled=false: this sd3 model's positional embedding covers {limit * pipe.vae_scale_factor} px, "
+            f"highres.tiled=false: this {family.name} model's positional embedding covers {limit * pipe.vae_scale_factor} px, "
             f"the chain reaches {largest} px; use highres.tiled=auto"
         )
 

@@ -8,7 +8,7 @@ from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf, open_dict
 
-from synth.config import check_inputs
+from synth.checks import check_inputs
 
 log = logging.getLogger(__name__)
 
@@ -44,7 +44,7 @@ def infer(cfg: DictConfig) -> list[Path]:
 
     prompt = process_prompt(str(cfg.prompt), cfg.prompter, cfg.seed, device, dtype)
     call = {
-        **prompt_kwargs(pipe, family.name, prompt, str(cfg.negative_prompt or ""), float(guidance), model),
+        **prompt_kwargs(pipe, family, prompt, str(cfg.negative_prompt or ""), float(guidance), model),
         "num_inference_steps": steps,
         "guidance_scale": float(guidance),
         **family.call_kwargs(model, task, width, height),

@@ -22,12 +22,12 @@ log = logging.getLogger(__name__)
 DIFFUSERS_METADATA_KEY = "lora_adapter_metadata"  # diffusers.loaders.lora_base.LORA_ADAPTER_METADATA_KEY
 SYNTH_METADATA_KEY = "synth_lora"
 # Families whose pipelines have no diffusers LoRA loader: synth injects the adapters with peft itself.
-PEFT_LOADED = ("hunyuan_dit",)
 
 
-def denoiser_prefix(family_kind: str) -> str:
-    """The state-dict prefix diffusers uses for the denoiser: "unet" for UNet families, "transformer" for DiTs."""
-    return "unet" if family_kind == "unet" else "transformer"
+def denoiser_prefix(family) -> str:
+    """The state-dict prefix diffusers uses for the denoiser: "unet" for UNet families, "transformer" for DiTs
+    (the pipeline attribute the family names, Family.denoiser)."""
+    return family.denoiser
 
 
 # --- the checks before any model loads -------------------------------------------------------------
@@ -291,7 +291,7 @@ def load_loras(pipe, family, lora_cfg) -> None:
     entries = lora_entries(lora_cfg)
     if not entries:
         return
-    prefix = denoiser_prefix(family.kind)
+    prefix = denoiser_prefix(family)
     model = getattr(pipe, prefix)
     names = []
     for index, (path, scale) in enumerate(entries):
@@ -299,7 +299,7 @@ def load_loras(pipe, family, lora_cfg) -> None:
         check_lora_fits(path, prefix, model, family.name)
         name = f"lora{index}"
         log.info("loading LoRA %s at scale %s", path, scale)
-        if family.name in PEFT_LOADED:
+        if family.peft_loaded:
             load_peft_lora(model, path, prefix, name)
         else:
             # Through the text-to-image pipeline: KolorsImg2ImgPipeline.load_lora_weights fails in diffusers 0.42
@@ -307,7 +307,7 @@ def load_loras(pipe, family, lora_cfg) -> None:
             pipe.load_lora_weights(path, adapter_name=name)
         names.append(name)
     scales = [scale for _, scale in entries]
-    if family.name in PEFT_LOADED:
+    if family.peft_loaded:
         from diffusers.utils.peft_utils import set_weights_and_activate_adapters
 
         set_weights_and_activate_adapters(model, names, scales)

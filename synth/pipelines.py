@@ -109,7 +109,7 @@ def get_pipeline(cfg: DictConfig, device: torch.device, dtype: torch.dtype):
             raise ValueError(f"offload={offload} needs a CUDA device; this run resolved device={device.type}")
         pipe = load_pipeline(cfg.model, device, dtype, offload)
         load_loras(pipe, get_family(cfg.model.family), cfg.get("lora"))  # into text-to-image: from_pipe shares them
-        add_embeddings(pipe, cfg.model.family, embeddings)
+        add_embeddings(pipe, get_family(cfg.model.family), embeddings)
         _cache["pipe"], _cache["key"] = pipe, key
         _cache["base_scheduler"] = _cache["pipe"].scheduler
     pipe = _cache["pipe"]

@@ -1,4 +1,4 @@
-"""Prompt embeddings for the CLIP families (sd15, sdxl, sd3), with prompts longer than CLIP's 77 tokens.
+"""Prompt embeddings for the CLIP families (SD1.x, SDXL, SD3: their encoders are in synth/families/), with prompts longer than CLIP's 77 tokens.
 
 diffusers truncates a CLIP prompt at 77 tokens. synth splits it instead into chunks of 75 tokens, wraps each
 chunk in BOS ... EOS + padding (77 tokens, exactly what diffusers feeds for a short prompt), encodes every chunk
@@ -9,7 +9,7 @@ exactly diffusers' own embeddings, so short prompts keep their pixels.
 
 Textual-inversion keywords are expanded to all their tokens here, per tokenizer (see synth.textual_inversion).
 `(words:1.3)` weights those tokens' CLIP states (A1111's emphasis); encoders without weights (T5, and the
-families without CLIP: kolors, hunyuan_dit) read the text with the syntax removed.
+families without CLIP: Kolors, Hunyuan-DiT) read the text with the syntax removed.
 """
 
 from __future__ import annotations
@@ -119,18 +119,7 @@ def emphasise(states: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     return (weighted * ratio).to(states.dtype)
 
 
-def encode_sd15(pipe, prompt: str, negative: str, guidance: bool, model_cfg) -> dict:
-    """SD1.x: the CLIP-L final hidden state (StableDiffusionPipeline.encode_prompt, with chunks)."""
-    tokenizer, encoder = pipe.tokenizer, pipe.text_encoder
-    prompt, negative = expand(prompt, tokenizer), expand(negative, tokenizer)
-    count = chunk_count(tokenizer, prompt, negative) if guidance else chunk_count(tokenizer, prompt)
-    call = {"prompt_embeds": encode_clip(tokenizer, encoder, prompt, count, None)[0]}
-    if guidance:
-        call["negative_prompt_embeds"] = encode_clip(tokenizer, encoder, negative, count, None)[0]
-    return call
-
-
-def _two_clips(pipe, texts: dict, count: int):
+def two_clips(pipe, texts: dict, count: int):
     """CLIP-L and CLIP-G penultimate states concatenated on features, and CLIP-G's (SDXL) or both (SD3) pooled."""
     states, pooled = [], []
     for tokenizer, encoder in ((pipe.tokenizer, pipe.text_encoder), (pipe.tokenizer_2, pipe.text_encoder_2)):
@@ -143,69 +132,17 @@ def _two_clips(pipe, texts: dict, count: int):
     return torch.cat(states, dim=-1), torch.cat(pooled, dim=-1)
 
 
-def _clip_texts(pipe, text: str) -> dict:
+def clip_texts(pipe, text: str) -> dict:
     """The text each CLIP tokenizer sees: keywords expanded to that tokenizer's own embedding tokens."""
     return {id(tokenizer): expand(text, tokenizer) for tokenizer in (pipe.tokenizer, pipe.tokenizer_2) if tokenizer is not None}
 
 
-def _count(pipe, *texts: dict) -> int:
+def count_chunks(pipe, *texts: dict) -> int:
     return max(chunk_count(tokenizer, *(t[id(tokenizer)] for t in texts)) for tokenizer in (pipe.tokenizer, pipe.tokenizer_2) if tokenizer is not None)
 
 
-def encode_sdxl(pipe, prompt: str, negative: str, guidance: bool, model_cfg) -> dict:
-    """SDXL: CLIP-L ++ CLIP-G penultimate states, CLIP-G pooled (StableDiffusionXLPipeline.encode_prompt, with chunks)."""
-    positive, negative_texts = _clip_texts(pipe, prompt), _clip_texts(pipe, negative)
-    count = _count(pipe, positive, negative_texts) if guidance else _count(pipe, positive)
-    embeds, pooled = _two_clips(pipe, positive, count)
-    call = {"prompt_embeds": embeds, "pooled_prompt_embeds": pooled}
-    if guidance:
-        if not negative and getattr(pipe.config, "force_zeros_for_empty_prompt", False):
-            # SDXL was trained with zeroed embeddings for an empty prompt; diffusers does the same.
-            call["negative_prompt_embeds"], call["negative_pooled_prompt_embeds"] = torch.zeros_like(embeds), torch.zeros_like(pooled)
-        else:
-            call["negative_prompt_embeds"], call["negative_pooled_prompt_embeds"] = _two_clips(pipe, negative_texts, count)
-    return call
-
-
-def encode_sd3(pipe, prompt: str, negative: str, guidance: bool, model_cfg) -> dict:
-    """SD3: CLIP-L ++ CLIP-G states zero-padded to T5's width, then T5's states along the sequence
-    (StableDiffusion3Pipeline.encode_prompt, with CLIP chunks; T5 keeps model.max_sequence_length)."""
-    max_length = int(model_cfg.get("max_sequence_length", 256))
-    device = pipe._execution_device
-    positive, negative_texts = _clip_texts(pipe, prompt), _clip_texts(pipe, negative)
-    count = _count(pipe, positive, negative_texts) if guidance else _count(pipe, positive)
-
-    def encode(texts: dict, t5_text: str):
-        clip, pooled = _two_clips(pipe, texts, count)
-        with torch.no_grad():
-            t5 = pipe._get_t5_prompt_embeds(prompt=t5_text, max_sequence_length=max_length, device=device)
-        clip = torch.nn.functional.pad(clip, (0, t5.shape[-1] - clip.shape[-1]))
-        return torch.cat([clip, t5.to(clip.dtype)], dim=-2), pooled
-
-    embeds, pooled = encode(positive, plain_text(prompt))
-    call = {"prompt_embeds": embeds, "pooled_prompt_embeds": pooled}
-    if guidance:
-        call["negative_prompt_embeds"], call["negative_pooled_prompt_embeds"] = encode(negative_texts, plain_text(negative))
-    return call
-
-
-def encode_kolors(pipe, prompt: str, negative: str, guidance: bool, model_cfg) -> dict:
-    """Kolors reads the text itself (ChatGLM, up to model.max_sequence_length <= 256 tokens)."""
-    call = {"prompt": plain_text(prompt), "negative_prompt": plain_text(negative) or None}
-    if model_cfg.get("max_sequence_length") is not None:
-        call["max_sequence_length"] = int(model_cfg.max_sequence_length)
-    return call
-
-
-def encode_text(pipe, prompt: str, negative: str, guidance: bool, model_cfg) -> dict:
-    """Families whose pipeline reads the text itself (Hunyuan-DiT: BERT 77 and mT5 256 tokens, fixed by the model)."""
-    return {"prompt": plain_text(prompt), "negative_prompt": plain_text(negative) or None}
-
-
-ENCODERS = {"sd15": encode_sd15, "sdxl": encode_sdxl, "sd3": encode_sd3, "kolors": encode_kolors}
-
-
-def prompt_kwargs(pipe, family: str, prompt: str, negative: str, guidance_scale: float, model_cfg) -> dict:
-    """The pipeline-call arguments that carry the prompt: embeddings for the CLIP families, text for the rest."""
+def prompt_kwargs(pipe, family, prompt: str, negative: str, guidance_scale: float, model_cfg) -> dict:
+    """The pipeline-call arguments that carry the prompt, from the family's encoder (synth.families): embeddings
+    for the CLIP families, text for the rest."""
     guidance = guidance_scale > 1  # diffusers runs classifier-free guidance only above 1
-    return ENCODERS.get(family, encode_text)(pipe, prompt, negative or "", guidance, model_cfg)
+    return family.encode_prompt(pipe, prompt, negative or "", guidance, model_cfg)

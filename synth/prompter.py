@@ -11,11 +11,10 @@ from __future__ import annotations
 
 import logging
 import re
-from pathlib import Path
 
 from omegaconf import DictConfig
 
-from synth.config import HUB_ID
+from synth.config import check_weights_source
 
 log = logging.getLogger(__name__)
 
@@ -74,30 +73,22 @@ def check_model_path(name: str, settings: DictConfig) -> None:
     if settings.get("twin"):
         return
     path = str(settings.path)
-    local = Path(path).expanduser()
-    if local.exists():
-        if not (local / "config.json").is_file():
-            raise ValueError(f"{name}={path}: folder has no config.json (not a transformers model folder)")
-        return
-    if not HUB_ID.match(path):
-        raise ValueError(f"{name}={path}: neither an existing local folder nor a hub id like 'owner/name'")
-    import os
-
-    if os.environ.get("HF_HUB_OFFLINE", "0").lower() not in ("0", "false", "no", ""):
-        from huggingface_hub import try_to_load_from_cache
-
-        if not isinstance(try_to_load_from_cache(path, "config.json"), str):
-            raise FileNotFoundError(
-                f"{name}={path}: not available offline; download it first, point {name} at a local folder, "
-                "or use an offline twin (prompter=tiny_translate, tiny_refine, tiny_translate_refine)"
-            )
+    check_weights_source(
+        name, path, "config.json", folder_note=" (not a transformers model folder)",
+        offline_message=f"{name}={path}: not available offline; download it first, point {name} at a local folder, "
+                        "or use an offline twin (prompter=tiny_translate, tiny_refine, tiny_translate_refine)",
+    )
 
 
 def load(role: str, settings: DictConfig, device, dtype):
     """(tokenizer, model) for the translator or refiner, loaded once per process and reused."""
     key = (role, str(settings.path), str(device), str(dtype))
     if key not in _loaded:
-        from transformers import AutoModelForCausalLM, AutoModelForSeq2SeqLM, AutoTokenizer
+        from transformers import (
+            AutoModelForCausalLM,
+            AutoModelForSeq2SeqLM,
+            AutoTokenizer,
+        )
 
         if settings.get("twin"):
             from synth.twins_text import ensure_text_twin
@@ -171,12 +162,14 @@ def process_prompt(prompt: str, prompter_cfg: DictConfig, seed: int, device, dty
 
 
 def check_prompt_inputs(cfg: DictConfig) -> None:
-    """The prompter group's and textual_inversion's input checks, run by synth.config.check_inputs."""
+    """The prompter group's and textual_inversion's input checks, run by synth.checks.check_inputs."""
+    from synth.families import FAMILIES, get_family
     from synth.textual_inversion import check_textual_inversion
 
+    family = get_family(cfg.model.family)
     check_prompter(cfg)
-    check_textual_inversion(cfg)
-    limit = {"sd3": 512, "kolors": 256}.get(cfg.model.family)  # the pipelines' own limits (T5, ChatGLM)
+    check_textual_inversion(cfg, family, FAMILIES)
+    limit = family.max_sequence_length_limit  # the pipelines' own limits (T5, ChatGLM)
     length = cfg.model.get("max_sequence_length")
     if limit and length is not None and (not isinstance(length, int) or not 1 <= length <= limit):
         raise ValueError(f"model.max_sequence_length={length}: {cfg.model.family} takes 1..{limit} tokens")

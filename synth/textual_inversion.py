@@ -22,15 +22,6 @@ from omegaconf import DictConfig, ListConfig
 log = logging.getLogger(__name__)
 
 SUFFIXES = (".pt", ".bin", ".safetensors")
-# Which CLIP encoder(s) take embeddings, per family: (pipeline tokenizer attribute, encoder attribute, file key).
-# SD3's CLIP-L and CLIP-G are the same encoders SD1.x and SDXL use, so SD1.x files go into its CLIP-L encoder.
-ENCODERS = {
-    "sd15": (("tokenizer", "text_encoder", "clip_l"),),
-    "sdxl": (("tokenizer", "text_encoder", "clip_l"), ("tokenizer_2", "text_encoder_2", "clip_g")),
-    "sd3": (("tokenizer", "text_encoder", "clip_l"), ("tokenizer_2", "text_encoder_2", "clip_g")),
-}
-
-
 @dataclass
 class Embedding:
     keyword: str
@@ -60,17 +51,18 @@ def embedding_paths(value) -> list[Path]:
     return files
 
 
-def check_textual_inversion(cfg: DictConfig) -> None:
-    """Input checks (no torch): the files exist, have a known type, and the family takes embeddings."""
+def check_textual_inversion(cfg: DictConfig, family, families) -> None:
+    """Input checks (no torch): the files exist, have a known type, and the family takes embeddings
+    (`families`: the registry, to name those that do)."""
     value = cfg.get("textual_inversion")
     if value is not None and not isinstance(value, (str, list, ListConfig)):
         raise ValueError(f"textual_inversion={value}: give a path or a list of paths, e.g. textual_inversion=[a.pt,b.pt]")
     files = embedding_paths(value)
-    family = cfg.model.family
-    if files and family not in ENCODERS:
+    if files and not family.textual_inversion_targets:
+        takers = [name for name, each in families.items() if each.textual_inversion_targets]
         raise ValueError(
-            f"textual_inversion: {family} has no CLIP text encoder to take embeddings; "
-            f"textual inversion works with {', '.join(ENCODERS)}"
+            f"textual_inversion: {family.name} has no CLIP text encoder to take embeddings; "
+            f"textual inversion works with {', '.join(takers)}"
         )
 
 
@@ -154,32 +146,29 @@ def embeddings_key(cfg: DictConfig) -> str:
     return ";".join(f"{p.resolve()}:{p.stat().st_size}:{p.stat().st_mtime_ns}" for p in files)
 
 
-def plan(embeddings: list[Embedding], family: str, pipe) -> list[tuple]:
-    """Which vectors go into which encoder: [(tokenizer, text_encoder, keyword, vectors)], widths checked."""
+def plan(embeddings: list[Embedding], family, pipe) -> list[tuple]:
+    """Which vectors go into which encoder: [(tokenizer, text_encoder, keyword, vectors)], widths checked.
+    The family (synth.families) names its CLIP encoders: Family.textual_inversion_targets."""
     steps = []
-    slots = [(key, getattr(pipe, tok), getattr(pipe, enc)) for tok, enc, key in ENCODERS[family]]
+    slots = [(key, getattr(pipe, tok), getattr(pipe, enc)) for tok, enc, key in family.textual_inversion_targets]
     for embedding in embeddings:
         targets = [(key, tok, enc) for key, tok, enc in slots if key in embedding.vectors and enc is not None]
-        if family == "sdxl" and set(embedding.vectors) != {"clip_l", "clip_g"}:
-            raise ValueError(
-                f"textual_inversion={embedding.path}: SDXL needs an embedding with clip_l and clip_g vectors; "
-                f"this file has {', '.join(embedding.vectors)} (an SD1.x embedding?)"
-            )
+        family.check_embedding(embedding)
         if not targets:
-            raise ValueError(f"textual_inversion={embedding.path}: none of its vectors ({', '.join(embedding.vectors)}) fit {family}")
+            raise ValueError(f"textual_inversion={embedding.path}: none of its vectors ({', '.join(embedding.vectors)}) fit {family.name}")
         for key, tokenizer, encoder in targets:
             vectors = embedding.vectors[key]
             width = encoder.get_input_embeddings().weight.shape[-1]
             if vectors.shape[-1] != width:
                 raise ValueError(
-                    f"textual_inversion={embedding.path}: embedding width {vectors.shape[-1]} does not fit {family}'s "
+                    f"textual_inversion={embedding.path}: embedding width {vectors.shape[-1]} does not fit {family.name}'s "
                     f"{key.replace('_', '-').upper()} text encoder of width {width} (an embedding for another model?)"
                 )
             steps.append((tokenizer, encoder, embedding.keyword, vectors))
     return steps
 
 
-def add_embeddings(pipe, family: str, embeddings: list[Embedding]) -> None:
+def add_embeddings(pipe, family, embeddings: list[Embedding]) -> None:
     """Load embeddings into pipe's text encoders: diffusers' loader where the pipeline has one (SD1.5, SDXL),
     synth's own for SD3 (diffusers has no SD3 loader)."""
     if not embeddings:

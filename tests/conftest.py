@@ -31,6 +31,13 @@ def compose_infer(overrides=(), output_dir=None):
     return cfg
 
 
+def family_twins(where=lambda family: True) -> list[str]:
+    """model=tiny_<family> for each registered family (synth.families) that `where(family)` accepts."""
+    from synth.families import FAMILIES
+
+    return [f"tiny_{name}" for name, family in FAMILIES.items() if where(family)]
+
+
 def run_cli(script, *args, cwd, env=None):
     """Run `python <script> args...` as a user would; returns the CompletedProcess. env: extra variables."""
     return subprocess.run(

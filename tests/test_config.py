@@ -3,8 +3,15 @@
 import pytest
 from conftest import compose_infer
 
-from synth.config import check_inputs, check_size, fitting_schedulers, group_options, parse_size
-from synth.families import FAMILIES
+from synth.checks import check_inputs
+from synth.config import (
+    check_size,
+    fitting_schedulers,
+    group_options,
+    parse_size,
+    scheduler_fits,
+)
+from synth.families import FAMILIES, get_family
 
 MODELS = group_options("model")
 SCHEDULERS = group_options("scheduler")
@@ -22,7 +29,7 @@ def test_model_scheduler_composes(model, scheduler):
     cfg = compose_infer([f"model={model}", f"scheduler={scheduler}"])
     for key in ("family", "path", "native_size"):
         assert cfg.model[key] is not None
-    if cfg.model.family not in cfg.scheduler.families:
+    if not scheduler_fits(cfg.scheduler, get_family(cfg.model.family)):
         with pytest.raises(ValueError, match=f"scheduler={scheduler} does not fit {cfg.model.family}"):
             check_inputs(cfg)
     elif cfg.model.twin:

@@ -6,7 +6,7 @@ from conftest import compose_infer, run_cli
 from PIL import Image
 
 from synth import controlnet, highres, pipelines
-from synth.tiled_denoiser import TileSettings, tiled_denoiser
+from synth.tiled_denoiser import TileSettings, tiled_denoiser, unet_forward
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # see conftest
 
@@ -16,7 +16,7 @@ CALL = {"prompt": "a red house by the sea", "num_inference_steps": 2, "guidance_
 def chain(tmp_path, *overrides, size=256):
     """The staged chain's image and stats for the tiny sd15 twin (or the model in overrides)."""
     cfg = compose_infer(["model=tiny_sd15", f"size={size}", *overrides], output_dir=tmp_path)
-    from synth.config import check_inputs
+    from synth.checks import check_inputs
 
     width, height = check_inputs(cfg)
     pipe = pipelines.get_pipeline(cfg, torch.device("cpu"), torch.float32)
@@ -58,7 +58,7 @@ def test_controlnet_runs_per_tile_on_matching_crops(tmp_path, monkeypatch):
     settings = TileSettings(tile_size=16, tile_overlap=4, tile_batch_size=3, vae_scale_factor=8)
     stats = {}
     source = torch.zeros(1, 4, 32, 32)
-    with tiled_denoiser(control_pipe, settings, stats):
+    with tiled_denoiser(control_pipe, settings, stats, forward=unet_forward):
         out = control_pipe(**CALL, image=source, control_image=Image.new("RGB", (256, 256), "white"),
                            strength=1.0, generator=torch.Generator().manual_seed(0), output_type="latent").images
     assert out.shape == (1, 4, 32, 32) and torch.isfinite(out).all()
@@ -77,7 +77,7 @@ def test_one_tile_is_bitwise_the_untiled_controlnet_call(tmp_path):
     arguments = dict(CALL, image=torch.randn(1, 4, 16, 16, generator=torch.Generator().manual_seed(1)),
                      control_image=Image.new("RGB", (128, 128), "orange"), strength=0.7, output_type="latent")
     plain = control_pipe(**arguments, generator=torch.Generator().manual_seed(0)).images
-    with tiled_denoiser(control_pipe, TileSettings(16, 2, 4)):
+    with tiled_denoiser(control_pipe, TileSettings(16, 2, 4), forward=unet_forward):
         tiled = control_pipe(**arguments, generator=torch.Generator().manual_seed(0)).images
     assert torch.equal(plain, tiled)
 
@@ -138,7 +138,7 @@ def test_init_image_refinement_at_native_size_uses_the_controlnet(tmp_path):
     ],
 )
 def test_bad_controlnet_input_is_refused_before_loading(overrides, message):
-    from synth.config import check_inputs
+    from synth.checks import check_inputs
 
     with pytest.raises((ValueError, FileNotFoundError), match=None) as error:
         check_inputs(compose_infer(overrides))
@@ -146,7 +146,7 @@ def test_bad_controlnet_input_is_refused_before_loading(overrides, message):
 
 
 def test_controlnet_folder_without_config(tmp_path):
-    from synth.config import check_inputs
+    from synth.checks import check_inputs
 
     (tmp_path / "cn").mkdir()
     with pytest.raises(FileNotFoundError, match="folder has no config.json"):
@@ -154,7 +154,7 @@ def test_controlnet_folder_without_config(tmp_path):
 
 
 def test_offline_annotator_is_refused_before_loading(tmp_path):
-    from synth.config import check_inputs
+    from synth.checks import check_inputs
 
     (tmp_path / "cn").mkdir()
     (tmp_path / "cn" / "config.json").write_text("{}")

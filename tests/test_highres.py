@@ -6,8 +6,8 @@ from conftest import compose_infer
 from omegaconf import OmegaConf
 from PIL import Image
 
+from synth.families import FAMILIES
 from synth.highres import Stage, plan_stages, refine_steps
-
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # see conftest
 
@@ -68,7 +68,7 @@ def run(tmp_path, *overrides):
     return infer(cfg)
 
 
-@pytest.mark.parametrize("family", ["sd15", "sdxl", "sd3", "kolors", "hunyuan_dit"])
+@pytest.mark.parametrize("family", FAMILIES)
 def test_chain_native_to_4x_every_family(tmp_path, family):
     [path] = run(tmp_path, f"model=tiny_{family}", "size=256", "highres.save_intermediate=true")
     with Image.open(path) as image:

@@ -10,7 +10,7 @@ import pytest
 import torch
 from diffusers import HunyuanDiTPipeline
 
-from synth.hunyuan_img2img import HunyuanDiTImg2ImgPipeline
+from synth.families.hunyuan_dit_img2img import HunyuanDiTImg2ImgPipeline
 from synth.twins import ensure_twin
 
 PROMPT = "a red cat"

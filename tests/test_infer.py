@@ -6,10 +6,11 @@ from conftest import compose_infer
 from PIL import Image
 
 from synth import pipelines
+from synth.config import twin_models
 from synth.images import CONFIG_KEY, PARAMETERS_KEY, read_config, read_text
 from synth.infer import infer
 
-TWINS = ["tiny_sd15", "tiny_sdxl", "tiny_sdxl_turbo", "tiny_sd3", "tiny_kolors", "tiny_hunyuan_dit"]
+TWINS = twin_models()  # conf/model/tiny_*.yaml: every family and variant
 
 
 def pixels(path):

@@ -3,15 +3,17 @@
 import numpy as np
 import pytest
 import torch
-from conftest import compose_infer, run_cli
+from conftest import compose_infer, family_twins, run_cli
 from PIL import Image
 
 from synth import pipelines
+from synth.families import get_family
 from synth.infer import infer
 from synth.prompt_encoding import emphasise, prompt_kwargs, token_chunks
 
 WORDS = "a red car parked on a street at night in the rain"  # 11 tokens for the twins' CLIP tokenizers
 LONG = ", ".join([WORDS] * 8)  # about 95 tokens: two chunks
+CLIP_TWINS = family_twins(lambda family: family.textual_inversion_targets)  # the families that encode with CLIP
 
 
 def pipe_for(model):
@@ -19,12 +21,12 @@ def pipe_for(model):
     return cfg, pipelines.get_pipeline(cfg, torch.device("cpu"), torch.float32)
 
 
-@pytest.mark.parametrize("model", ["tiny_sd15", "tiny_sdxl", "tiny_sd3"])
+@pytest.mark.parametrize("model", CLIP_TWINS)
 @pytest.mark.parametrize("negative", ["", "blurry, ugly"])
 def test_short_prompt_embeddings_equal_diffusers(model, negative):
     cfg, pipe = pipe_for(model)
     family = cfg.model.family
-    ours = prompt_kwargs(pipe, family, WORDS, negative, 7.0, cfg.model)
+    ours = prompt_kwargs(pipe, get_family(family), WORDS, negative, 7.0, cfg.model)
     extra = {"sd15": {}, "sdxl": {"prompt_2": None}, "sd3": {"prompt_2": None, "prompt_3": None}}[family]
     with torch.no_grad():  # as inside the pipeline call
         reference = pipe.encode_prompt(
@@ -37,21 +39,21 @@ def test_short_prompt_embeddings_equal_diffusers(model, negative):
             assert torch.equal(ours[name], expected), name
 
 
-@pytest.mark.parametrize("model", ["tiny_sd15", "tiny_sdxl", "tiny_sd3"])
+@pytest.mark.parametrize("model", CLIP_TWINS)
 def test_long_prompt_is_chunked_and_negative_padded(model):
     cfg, pipe = pipe_for(model)
     tokenizer = pipe.tokenizer
     assert len(token_chunks(tokenizer, LONG)) == 2
-    ours = prompt_kwargs(pipe, cfg.model.family, LONG, "blurry", 7.0, cfg.model)
+    ours = prompt_kwargs(pipe, get_family(cfg.model.family), LONG, "blurry", 7.0, cfg.model)
     t5 = cfg.model.max_sequence_length if cfg.model.family == "sd3" else 0
     assert ours["prompt_embeds"].shape[1] == 2 * 77 + t5
     assert ours["negative_prompt_embeds"].shape == ours["prompt_embeds"].shape, "negative padded to as many chunks"
     # The first chunk is exactly the embedding of the prompt's first 75 tokens.
     head = tokenizer.decode(token_chunks(tokenizer, LONG)[0])
-    first = prompt_kwargs(pipe, cfg.model.family, head, "blurry", 7.0, cfg.model)["prompt_embeds"]
+    first = prompt_kwargs(pipe, get_family(cfg.model.family), head, "blurry", 7.0, cfg.model)["prompt_embeds"]
     assert torch.allclose(ours["prompt_embeds"][:, :77], first[:, :77], atol=1e-6)
     # A long negative prompt pads the positive one.
-    swapped = prompt_kwargs(pipe, cfg.model.family, "blurry", LONG, 7.0, cfg.model)
+    swapped = prompt_kwargs(pipe, get_family(cfg.model.family), "blurry", LONG, 7.0, cfg.model)
     assert swapped["prompt_embeds"].shape == ours["prompt_embeds"].shape
 
 
@@ -68,7 +70,7 @@ def test_tokens_past_77_change_the_image(tmp_path):
 def test_sd3_t5_length_is_config():
     cfg, pipe = pipe_for("tiny_sd3")
     cfg.model.max_sequence_length = 128
-    ours = prompt_kwargs(pipe, "sd3", WORDS, "", 7.0, cfg.model)
+    ours = prompt_kwargs(pipe, get_family("sd3"), WORDS, "", 7.0, cfg.model)
     assert ours["prompt_embeds"].shape[1] == 77 + 128
 
 
@@ -87,7 +89,7 @@ def test_prompt_weighting(model):
     family = cfg.model.family
 
     def embeds(prompt):
-        return prompt_kwargs(pipe, family, prompt, "", 7.0, cfg.model)["prompt_embeds"]
+        return prompt_kwargs(pipe, get_family(family), prompt, "", 7.0, cfg.model)["prompt_embeds"]
 
     plain = embeds("a red car on a street")
     assert torch.equal(embeds("a (red car:1.0) on a street"), plain), "weight 1 is the plain prompt"

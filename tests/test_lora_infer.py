@@ -10,21 +10,22 @@ from safetensors.torch import load_file, save_file
 from train_utils import compose_train
 
 from synth import pipelines
-from synth.config import check_inputs
+from synth.checks import check_inputs
+from synth.families import FAMILIES as REGISTRY
 from synth.families import get_family
 from synth.infer import infer
 from synth.train.lora import add_lora, export_lora
 
-FAMILIES = ["sd15", "sdxl", "sd3", "kolors", "hunyuan_dit"]
+FAMILIES = list(REGISTRY)
 
 
 def make_lora(family: str, path, seed: int = 0, rank: int = 4, alpha: float = 8.0):
     """A LoRA file as training writes it, with random (not zero) B matrices so that it visibly changes images."""
     cfg = compose_train([f"model=tiny_{family}", f"lora.rank={rank}", f"lora.alpha={alpha}"], output_dir=path.parent)
     pipe = pipelines.load_pipeline(cfg.model, torch.device("cpu"), torch.float32)
-    denoiser = getattr(pipe, "unet" if get_family(family).kind == "unet" else "transformer")
+    denoiser = getattr(pipe, get_family(family).denoiser)
     torch.manual_seed(seed)
-    for param in add_lora(denoiser, cfg.lora, family):
+    for param in add_lora(denoiser, cfg.lora, get_family(family)):
         param.data = torch.randn_like(param) * 0.3
     return export_lora(path, denoiser, cfg, get_family(family))
 

@@ -5,7 +5,7 @@ import torch
 from conftest import compose_infer
 
 from synth import highres, pipelines
-from synth.config import check_inputs
+from synth.checks import check_inputs
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # see conftest
 

@@ -8,8 +8,8 @@ import torch.nn.functional as F
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from synth.families import FAMILIES
 from synth.tiling import Tile, area_overhead, blend_weights, tile_layout, tiled_apply
-
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # see conftest
 
@@ -153,7 +153,7 @@ def pipes():
     from synth.families import get_family
 
     loaded = {}
-    for family in twins.FAMILIES:
+    for family in FAMILIES:
         folder = twins.ensure_twin(family, os.path.join(cache_dir(), "twins", "v1", f"{family}-tiny"))
         pipe = get_family(family).pipeline_class("text2img").from_pretrained(folder)
         pipe.set_progress_bar_config(disable=True)
@@ -162,23 +162,24 @@ def pipes():
 
 
 def run_pipe(pipe, family, size, settings=None, stats=None):
+    from synth.families import get_family
     from synth.tiled_denoiser import tiled_denoiser
 
-    call = dict(prompt="a cat", num_inference_steps=2, width=size, height=size, output_type="latent")
-    if family == "hunyuan_dit":
-        call["use_resolution_binning"] = False
+    call = dict(prompt="a cat", num_inference_steps=2, output_type="latent",
+                **get_family(family).call_kwargs({}, "text2img", size, size))
     generator = torch.Generator().manual_seed(0)
     if settings is None:
         return pipe(**call, generator=generator).images
-    with tiled_denoiser(pipe, settings, stats):
+    with tiled_denoiser(pipe, settings, stats, forward=get_family(family).tiled_forward_function()):
         return pipe(**call, generator=generator).images
 
 
-@pytest.mark.parametrize("family", ["sd15", "sdxl", "sd3", "kolors", "hunyuan_dit"])
+@pytest.mark.parametrize("family", FAMILIES)
 def test_tiled_denoiser_every_family(pipes, family):
+    from synth.families import get_family
     from synth.tiled_denoiser import TileSettings
 
-    align = 2 if family in ("sd3", "hunyuan_dit") else 1
+    align = get_family(family).tile_align
     untiled = run_pipe(pipes[family], family, 96)
     # a tile at least as big as the latent: bitwise the untiled pipeline
     assert torch.equal(run_pipe(pipes[family], family, 96, TileSettings(16, 4, 4, align)), untiled)
@@ -197,7 +198,7 @@ def test_tiled_denoiser_every_family(pipes, family):
 
 
 def test_sdxl_tiles_get_their_crop_of_the_full_image(pipes):
-    from synth.tiled_denoiser import TileSettings, tiled_denoiser
+    from synth.tiled_denoiser import TileSettings, tiled_denoiser, unet_forward
 
     pipe = pipes["sdxl"]
     seen = []
@@ -209,7 +210,7 @@ def test_sdxl_tiles_get_their_crop_of_the_full_image(pipes):
 
     pipe.unet.forward = spy
     try:
-        with tiled_denoiser(pipe, TileSettings(8, 2, 16)):
+        with tiled_denoiser(pipe, TileSettings(8, 2, 16), forward=unet_forward):
             pipe(prompt="a", num_inference_steps=1, width=96, height=96, guidance_scale=1.0, output_type="latent")
     finally:
         del pipe.unet.forward
@@ -219,15 +220,17 @@ def test_sdxl_tiles_get_their_crop_of_the_full_image(pipes):
 
 
 def test_sd3_above_its_positional_limit_runs_tiled(pipes):
-    from synth.tiled_denoiser import TileSettings, sd3_pos_embed_limit, tiled_denoiser
+    from synth.families import get_family
+    from synth.tiled_denoiser import TileSettings, tiled_denoiser
 
+    sd3 = get_family("sd3")
     transformer = pipes["sd3"].transformer
-    limit = sd3_pos_embed_limit(transformer)
+    limit = sd3.untiled_limit(pipes["sd3"])
     x = torch.randn(2, 16, limit + 16, limit + 16)
     embeds, pooled = torch.randn(2, 7, transformer.config.joint_attention_dim), torch.randn(2, transformer.config.pooled_projection_dim)
     with pytest.raises(ValueError, match="pos_embed_max_size"):
         transformer(x, embeds, pooled, torch.tensor([500.0, 500.0]))
-    with torch.no_grad(), tiled_denoiser(pipes["sd3"], TileSettings(limit * 4, 16, 4, 2)):  # capped to the limit
+    with torch.no_grad(), tiled_denoiser(pipes["sd3"], TileSettings(limit * 4, 16, 4, 2), forward=sd3.tiled_forward_function()):  # capped to the limit
         out = transformer(x, embeds, pooled, torch.tensor([500.0, 500.0]), return_dict=False)[0]
     assert out.shape == x.shape and torch.isfinite(out).all()
 

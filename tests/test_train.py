@@ -9,11 +9,12 @@ import torch
 from train_utils import compose_train, make_dataset
 
 from synth import pipelines
+from synth.families import FAMILIES as REGISTRY
 from synth.families import get_family
 from synth.loras import load_loras, read_metadata
 from synth.train.run import fit
 
-FAMILIES = ["sd15", "sdxl", "sd3", "kolors", "hunyuan_dit"]
+FAMILIES = list(REGISTRY)
 
 
 @pytest.fixture(scope="module")
@@ -53,7 +54,7 @@ def test_lora_trains_exports_and_reloads(family, dataset, tmp_path):
 
     # Only LoRA weights changed: every frozen weight equals the weights on disk.
     fresh = pipelines.load_pipeline(cfg.model, torch.device("cpu"), torch.float32)
-    denoiser_name = "unet" if get_family(family).kind == "unet" else "transformer"
+    denoiser_name = get_family(family).denoiser
     trained = result.module.denoiser.state_dict()
     for name, tensor in getattr(fresh, denoiser_name).state_dict().items():
         base_name = name if name in trained else name.replace(".weight", ".base_layer.weight").replace(
@@ -69,7 +70,7 @@ def test_lora_trains_exports_and_reloads(family, dataset, tmp_path):
     # The exported LoRA changes the output, and reloading it reproduces the trained model's output.
     base = sample(fresh, cfg)
     trained_image = sample(result.module.pipe.__class__.from_pipe(result.module.pipe), cfg)
-    if family == "hunyuan_dit":
+    if get_family(family).peft_loaded:
         load_loras(fresh, get_family(family), {"path": str(result.lora_path), "scale": 1.0})
     else:
         fresh.load_lora_weights(str(result.lora_path))  # plain diffusers

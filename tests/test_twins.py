@@ -13,16 +13,13 @@ import pytest
 import torch
 
 from synth import twins
+from synth.families import get_family
 
-PIPELINE_CLASSES = {
-    "sd15": diffusers.StableDiffusionPipeline,
-    "sdxl": diffusers.StableDiffusionXLPipeline,
-    "sd3": diffusers.StableDiffusion3Pipeline,
-    "kolors": diffusers.KolorsPipeline,
-    "hunyuan_dit": diffusers.HunyuanDiTPipeline,
-}
-# Hunyuan-DiT would otherwise snap 64x64 to its nearest supported resolution.
-CALL_KWARGS = {"hunyuan_dit": {"use_resolution_binning": False}}
+
+def pipeline_class(family: str):
+    return get_family(family).pipeline_class("text2img")
+
+
 
 
 @pytest.fixture(scope="module")
@@ -38,7 +35,7 @@ def pipelines(twin_root):
     def load(family):
         if family not in loaded:
             twin_dir = twins.ensure_twin(family, twin_root / family)
-            pipeline = PIPELINE_CLASSES[family].from_pretrained(twin_dir)
+            pipeline = pipeline_class(family).from_pretrained(twin_dir)
             pipeline.set_progress_bar_config(disable=True)
             loaded[family] = pipeline
         return loaded[family]
@@ -50,12 +47,10 @@ def generate(pipeline, family, seed):
     """Runs a 2-step 64x64 text-to-image call with a seeded generator."""
     return pipeline(
         "a photo of a dog",
-        height=64,
-        width=64,
         num_inference_steps=2,
         output_type="np",
         generator=torch.Generator().manual_seed(seed),
-        **CALL_KWARGS.get(family, {}),
+        **get_family(family).call_kwargs({}, "text2img", 64, 64),  # 64x64; Hunyuan-DiT without resolution binning
     ).images
 
 
@@ -171,7 +166,7 @@ def test_unknown_family_or_preset_is_refused(tmp_path, family, preset, bad_value
 @pytest.mark.parametrize("family", twins.FAMILIES)
 def test_small_preset_builds_and_runs(tmp_path, family):
     twin_dir = twins.build_twin(family, tmp_path / family, preset="small")
-    pipeline = PIPELINE_CLASSES[family].from_pretrained(twin_dir)
+    pipeline = pipeline_class(family).from_pretrained(twin_dir)
     pipeline.set_progress_bar_config(disable=True)
 
     image = generate(pipeline, family, seed=0)

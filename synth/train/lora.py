@@ -12,21 +12,13 @@ from omegaconf import DictConfig, OmegaConf
 
 from synth.loras import denoiser_prefix, save_lora
 
-# Attention projections, the usual LoRA targets; every family's denoiser names them the same way in diffusers.
-DEFAULT_TARGETS = {
-    "sd15": ["to_q", "to_k", "to_v", "to_out.0"],
-    "sdxl": ["to_q", "to_k", "to_v", "to_out.0"],
-    "kolors": ["to_q", "to_k", "to_v", "to_out.0"],
-    "sd3": ["to_q", "to_k", "to_v", "to_out.0"],  # add add_q_proj, add_k_proj, add_v_proj, to_add_out for the text stream
-    "hunyuan_dit": ["to_q", "to_k", "to_v", "to_out.0"],
-}
 ADAPTER = "default"
 
 
-def adapter_config(lora_cfg: DictConfig, family_name: str) -> dict:
+def adapter_config(lora_cfg: DictConfig, family) -> dict:
     """The peft LoraConfig arguments for lora_cfg (JSON-serialisable: it goes into the file's metadata)."""
     targets = lora_cfg.target_modules
-    targets = list(targets) if targets is not None else DEFAULT_TARGETS[family_name]
+    targets = list(targets if targets is not None else family.default_lora_targets)
     init = lora_cfg.init
     return {
         "r": int(lora_cfg.rank),
@@ -37,12 +29,12 @@ def adapter_config(lora_cfg: DictConfig, family_name: str) -> dict:
     }
 
 
-def add_lora(denoiser: torch.nn.Module, lora_cfg: DictConfig, family_name: str) -> list[torch.nn.Parameter]:
+def add_lora(denoiser: torch.nn.Module, lora_cfg: DictConfig, family) -> list[torch.nn.Parameter]:
     """Freeze the denoiser, add a trainable LoRA adapter in fp32, and return the trainable parameters."""
     from peft import LoraConfig, inject_adapter_in_model
 
     denoiser.requires_grad_(False)
-    config = LoraConfig(**adapter_config(lora_cfg, family_name))
+    config = LoraConfig(**adapter_config(lora_cfg, family))
     if hasattr(denoiser, "add_adapter"):
         denoiser.add_adapter(config, adapter_name=ADAPTER)
     else:  # Hunyuan-DiT: diffusers' HunyuanDiT2DModel lacks the PEFT mixin
@@ -50,8 +42,8 @@ def add_lora(denoiser: torch.nn.Module, lora_cfg: DictConfig, family_name: str) 
     params = [param for name, param in denoiser.named_parameters() if "lora_" in name]
     if not params:
         raise ValueError(
-            f"lora.target_modules={config.target_modules}: no layer of the {family_name} denoiser matched; "
-            f"the defaults are {DEFAULT_TARGETS[family_name]}"
+            f"lora.target_modules={config.target_modules}: no layer of the {family.name} denoiser matched; "
+            f"the defaults are {list(family.default_lora_targets)}"
         )
     for param in params:
         # Mixed precision keeps frozen weights in fp16/bf16; the LoRA weights and their Adam state stay fp32.
@@ -69,7 +61,7 @@ def lora_state_dict(denoiser: torch.nn.Module) -> dict:
 
 def export_lora(path, denoiser, cfg: DictConfig, family) -> str:
     """Write the trained LoRA as a diffusers-format .safetensors file with synth's metadata."""
-    config = adapter_config(cfg.lora, family.name)
+    config = adapter_config(cfg.lora, family)
     metadata = {
         "family": family.name,
         "base_model": str(cfg.model.path),
@@ -78,4 +70,4 @@ def export_lora(path, denoiser, cfg: DictConfig, family) -> str:
         "target_modules": config["target_modules"],
         "config": OmegaConf.to_container(cfg, resolve=True),
     }
-    return str(save_lora(path, lora_state_dict(denoiser), denoiser_prefix(family.kind), config, metadata))
+    return str(save_lora(path, lora_state_dict(denoiser), denoiser_prefix(family), config, metadata))

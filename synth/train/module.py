@@ -25,16 +25,13 @@ class NonFiniteLossError(ValueError):
 
 
 class LoRAModule(L.LightningModule):
-    def __init__(self, cfg: DictConfig, pipe, family, objective):
+    def __init__(self, cfg: DictConfig, pipe, family, objective, weight_dtype: torch.dtype):
         super().__init__()
         self.cfg, self.family, self.objective = cfg, family, objective
         self.pipe = pipe  # not an nn.Module: its frozen encoders are moved by hand in on_fit_start
-        self.denoiser = getattr(pipe, "unet" if family.kind == "unet" else "transformer")
-        from synth.pipelines import DTYPES
-        from synth.train.run import weight_dtype_name
-
-        self.weight_dtype = DTYPES[weight_dtype_name(cfg)]  # the frozen weights' dtype (LoRA weights are fp32)
-        self.lora_params = add_lora(self.denoiser, cfg.lora, family.name)
+        self.denoiser = getattr(pipe, family.denoiser)
+        self.weight_dtype = weight_dtype  # the frozen weights' dtype (LoRA weights are fp32): run.weight_dtype_name
+        self.lora_params = add_lora(self.denoiser, cfg.lora, family)
         self.denoiser.train()  # from_pretrained leaves models in eval mode; LoRA dropout needs train mode
         if cfg.gradient_checkpointing:
             if not hasattr(self.denoiser, "enable_gradient_checkpointing"):

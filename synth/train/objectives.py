@@ -240,9 +240,6 @@ class SD3(NoisePrediction):
         return weighting.float() * per_sample_mse(prediction, noise - latents)
 
 
-OBJECTIVES = {"sd15": SD15, "sdxl": SDXL, "kolors": Kolors, "hunyuan_dit": HunyuanDiT, "sd3": SD3}
-TEXT_ENCODERS = {name: cls.num_text_encoders for name, cls in OBJECTIVES.items()}
-
-
-def make_objective(family_name: str, pipe, objective: DictConfig):
-    return OBJECTIVES[family_name](pipe, objective)
+def make_objective(family, pipe, objective: DictConfig):
+    """The family's objective (Family.objective names its class) for pipe."""
+    return family.objective_class()(pipe, objective)

@@ -38,7 +38,7 @@ def run_signature(cfg: DictConfig, items, family) -> dict:
     """What a checkpoint of this run records about it (plain values: it goes into the .ckpt)."""
     from synth.train.lora import adapter_config
 
-    lora = adapter_config(cfg.lora, family.name)
+    lora = adapter_config(cfg.lora, family)
     return {
         "model.family": str(cfg.model.family),
         "model.path": str(cfg.model.path),

@@ -11,7 +11,7 @@ from pathlib import Path
 from omegaconf import DictConfig
 
 from synth.config import check_model_path, check_offline
-from synth.families import get_family
+from synth.families import FAMILIES, FLOW, get_family
 
 log = logging.getLogger(__name__)
 
@@ -60,7 +60,6 @@ def check_train_inputs(cfg: DictConfig):
     from synth.train.objectives import (
         LOSS_WEIGHTING,
         PREDICTION_TYPES,
-        TEXT_ENCODERS,
         TIMESTEP_SAMPLING,
     )
 
@@ -77,10 +76,11 @@ def check_train_inputs(cfg: DictConfig):
             f"objective.prediction_type={objective.prediction_type}: choose null (the scheduler's) or one of "
             + ", ".join(PREDICTION_TYPES)
         )
-    if family.name == "sd3" and (objective.snr_gamma or objective.noise_offset or objective.prediction_type):
+    if family.prediction == FLOW and (objective.snr_gamma or objective.noise_offset or objective.prediction_type):
+        noise = ", ".join(name for name, each in FAMILIES.items() if each.prediction != FLOW)
         raise ValueError(
             "objective.snr_gamma / noise_offset / prediction_type apply to noise-prediction families "
-            "(sd15, sdxl, kolors, hunyuan_dit), not sd3's flow matching; use objective.loss_weighting"
+            f"({noise}), not {family.name}'s flow matching; use objective.loss_weighting"
         )
     if objective.snr_gamma is not None and objective.snr_gamma <= 0:
         raise ValueError(f"objective.snr_gamma={objective.snr_gamma}: must be > 0 (5.0 is the paper's), or null")
@@ -88,8 +88,7 @@ def check_train_inputs(cfg: DictConfig):
         raise ValueError(f"objective.shift={objective.shift}: must be > 0, or null for the scheduler's shift")
     if cfg.vae_dtype not in VAE_DTYPES:
         raise ValueError(f"vae_dtype={cfg.vae_dtype}: choose one of {', '.join(VAE_DTYPES)}")
-    if family.name == "kolors" and cfg.vae_dtype == "fp16":
-        raise ValueError("vae_dtype=fp16: Kolors' VAE overflows to NaN in fp16; use vae_dtype=fp32 or bf16")
+    family.check_train(cfg)  # the family's own refusals (Kolors' fp16 VAE)
     if cfg.weight_dtype not in ("auto", "fp32", "bf16", "fp16"):
         raise ValueError(f"weight_dtype={cfg.weight_dtype}: choose one of auto, fp32, bf16, fp16")
     lora = cfg.lora
@@ -104,7 +103,7 @@ def check_train_inputs(cfg: DictConfig):
     if not isinstance(cfg.get("overwrite", False), bool):
         raise ValueError(f"overwrite={cfg.overwrite}: must be true or false")
     check_trainer_and_optim(cfg)
-    check_data_config(cfg.data, family.size_step, TEXT_ENCODERS[family.name])
+    check_data_config(cfg.data, family.size_step, family.objective_class().num_text_encoders)
     check_model_path(cfg.model)
     check_offline(cfg.model)
     ckpt_path = resolve_ckpt_path(cfg.ckpt_path, cfg.output_dir)
@@ -262,9 +261,9 @@ def _fit(cfg: DictConfig, items, family, output_dir: Path, ckpt_path: str | None
     pipe.set_progress_bar_config(disable=True)
 
     # 3. Build the objective, the module with its LoRA (initialised from the seed), and the data.
-    objective = make_objective(family.name, pipe, cfg.objective)
+    objective = make_objective(family, pipe, cfg.objective)
     torch.manual_seed(cfg.seed)
-    module = LoRAModule(cfg, pipe, family, objective)
+    module = LoRAModule(cfg, pipe, family, objective, dtype)
     from synth.train.resume import run_signature
 
     module.run_signature = run_signature(cfg, items, family)

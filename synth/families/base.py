@@ -1,0 +1,95 @@
+"""What a model family declares: everything that differs between families, in one place per family.
+
+A family is a subclass of `Family` in its own module of this package (sd15.py, sdxl.py, ...), registered in
+synth/families/__init__.py, plus one config file in conf/model/. Shared code asks the family object and never
+compares family names. Class and function references are "module:name" strings, resolved on use, so that
+importing this package (for the input checks) imports neither torch nor diffusers.
+"""
+
+from __future__ import annotations
+
+import importlib
+
+NOISE, FLOW = "noise", "flow"  # prediction kinds: epsilon / v-prediction on a discrete schedule, or flow matching
+ATTENTION_PROJECTIONS = ("to_q", "to_k", "to_v", "to_out.0")  # how every diffusers denoiser names them
+
+
+def resolve(reference: str):
+    """The object a "module:name" string names."""
+    module, name = reference.split(":")
+    return getattr(importlib.import_module(module), name)
+
+
+class Family:
+    """The defaults every family starts from; a family module overrides what differs."""
+
+    name: str
+    text2img: str  # "module:Class" of the text-to-image pipeline
+    img2img: str  # "module:Class" of the image-to-image pipeline
+    controlnet_img2img: str | None = None  # "module:Class" of image-to-image with a ControlNet (highres refinement)
+    size_step: int = 8  # width and height must be multiples of this: VAE factor 8 x the DiT patch size
+    single_file: bool = False  # whether diffusers can load a civitai-style single-file checkpoint
+    denoiser: str = "unet"  # the pipeline attribute holding the denoiser, and its LoRA state-dict prefix
+    prediction: str = NOISE  # NOISE or FLOW: which schedulers fit (conf/scheduler/*.yaml `fits:`)
+    objective: str  # "module:Class" of the training objective (synth/train/objectives.py)
+    tiled_forward: str = "synth.tiled_denoiser:unet_forward"  # "module:function": the denoiser's forward over tiles
+    twin_builder: str  # "module:function" building the random-weight twin (synth/twins.py calls it)
+    default_lora_targets: tuple[str, ...] = ATTENTION_PROJECTIONS  # peft target_modules when lora.target_modules=null
+    peft_loaded: bool = False  # LoRAs load through peft directly: the denoiser has no diffusers LoRA mixin
+    # Textual inversion: (pipeline tokenizer attribute, encoder attribute, embedding-file key) per CLIP encoder.
+    textual_inversion_targets: tuple[tuple[str, str, str], ...] = ()
+    max_sequence_length_limit: int | None = None  # the pipeline's own limit on model.max_sequence_length, if it has one
+    untiled_limit_px: int | None = None  # largest untiled side of the released weights (checked before loading)
+    tile_step_reason: str = "the UNet halves the latent 3 times"  # why tile sizes are multiples of tile_step
+
+    @property
+    def tile_step(self) -> int:
+        """Tile sizes are multiples of this many latent pixels: 8 for UNets (three halvings), the patch size for DiTs."""
+        return 8 if self.denoiser == "unet" else self.size_step // 8
+
+    @property
+    def tile_align(self) -> int:
+        """Tile starts and sizes are multiples of this many latent pixels (a DiT's patch size)."""
+        return self.size_step // 8
+
+    def pipeline_class(self, task: str):
+        """The diffusers pipeline class for task "text2img", "img2img" or "controlnet_img2img"."""
+        return resolve(getattr(self, task))
+
+    def objective_class(self):
+        return resolve(self.objective)
+
+    def tiled_forward_function(self):
+        return resolve(self.tiled_forward)
+
+    def build_twin(self, size, seed: int, scratch):
+        """The twin pipeline with seeded random weights (not saved)."""
+        return resolve(self.twin_builder)(size, seed, scratch)
+
+    def load_kwargs(self, model_cfg) -> dict:
+        """Extra from_pretrained arguments the family needs."""
+        return {}
+
+    def call_kwargs(self, model_cfg, task: str, width: int, height: int) -> dict:
+        """Extra pipeline-call arguments the family needs (height/width for text-to-image)."""
+        return {"width": width, "height": height} if task == "text2img" else {}
+
+    def img2img_steps(self, steps: int, strength: float) -> int:
+        """How many denoising steps image-to-image runs: diffusers' UNet pipelines run floor(steps * strength)."""
+        return min(int(steps * strength), steps)
+
+    def encode_prompt(self, pipe, prompt: str, negative: str, guidance: bool, model_cfg) -> dict:
+        """The pipeline-call arguments carrying the prompt. By default the pipeline reads the text itself."""
+        from synth.prompt_encoding import plain_text
+
+        return {"prompt": plain_text(prompt), "negative_prompt": plain_text(negative) or None}
+
+    def check_embedding(self, embedding) -> None:
+        """Refuse a textual-inversion embedding this family cannot take whole (see synth.textual_inversion)."""
+
+    def check_train(self, cfg) -> None:
+        """Family-specific training checks (synth.train.run.check_train_inputs), before anything loads."""
+
+    def untiled_limit(self, pipe) -> int | None:
+        """The largest latent side the loaded denoiser can run untiled, from the weights' config; None = no limit."""
+        return None

@@ -1,0 +1,151 @@
+"""Hunyuan-DiT (Tencent-Hunyuan/HunyuanDiT-v1.2-Diffusers): a DiT with rotary embeddings and bilingual CLIP +
+mT5 text encoders; its image-to-image pipeline is synth's own (hunyuan_dit_img2img.py, diffusers has none)."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from synth.families.base import Family
+
+if TYPE_CHECKING:
+    from pathlib import Path
+
+    from synth.twin_parts import TwinSize
+
+
+class HunyuanDiT(Family):
+    name = "hunyuan_dit"
+    text2img = "diffusers:HunyuanDiTPipeline"
+    img2img = "synth.families.hunyuan_dit_img2img:HunyuanDiTImg2ImgPipeline"
+    size_step = 16  # VAE factor 8 x patch size 2
+    denoiser = "transformer"
+    objective = "synth.train.objectives:HunyuanDiT"
+    tiled_forward = "synth.families.hunyuan_dit:tiled_forward"
+    twin_builder = "synth.families.hunyuan_dit:build_twin"
+    peft_loaded = True  # HunyuanDiT2DModel has no diffusers LoRA mixin
+    tile_step_reason = "the patch size"
+
+    def call_kwargs(self, model_cfg, task, width, height) -> dict:
+        # Resolution binning silently replaces the requested size with the nearest trained bucket.
+        return {"width": width, "height": height, "use_resolution_binning": False}
+
+    # encode_prompt: the base's; the pipeline reads the text (BERT 77 and mT5 256 tokens, fixed by the model)
+
+
+def tiled_forward(model, original, settings, stats, hidden_states, timestep, encoder_hidden_states=None, **kwargs):
+    """HunyuanDiT2DModel.forward over tiles: each gets its rows of the rotary embedding and its size conditioning;
+    one tile per call, because the rotary embedding is shared by the whole batch."""
+    from synth.tiled_denoiser import count_tiles, refuse_residuals
+    from synth.tiling import tile_layout, tiled_apply
+
+    refuse_residuals(kwargs)
+    return_dict = kwargs.pop("return_dict", True)
+    patch = model.config.patch_size
+    height, width = hidden_states.shape[-2:]
+    tiles = tile_layout(height, width, settings.tile_size, settings.tile_overlap, patch)
+    count_tiles(stats, tiles, 1)
+    if len(tiles) == 1:
+        return original(hidden_states, timestep, encoder_hidden_states, **kwargs, return_dict=return_dict)
+    rotary = kwargs.pop("image_rotary_emb")
+    grid = (height // patch, width // patch)
+    rotary = tuple(part.reshape(*grid, part.shape[-1]) for part in rotary)
+    meta = kwargs.pop("image_meta_size", None)
+    scale = settings.vae_scale_factor
+
+    def run(chunk, crops):
+        (tile,) = chunk
+        rows = slice(tile.top // patch, (tile.top + tile.height) // patch)
+        columns = slice(tile.left // patch, (tile.left + tile.width) // patch)
+        tile_rotary = tuple(part[rows, columns].reshape(-1, part.shape[-1]) for part in rotary)
+        tile_meta = meta
+        if meta is not None:  # (original h, w, target h, w, crop top, left)
+            tile_meta = meta.clone()
+            tile_meta[:, 2], tile_meta[:, 3] = tile.height * scale, tile.width * scale
+            tile_meta[:, 4] += tile.top * scale
+            tile_meta[:, 5] += tile.left * scale
+        return original(crops, timestep, encoder_hidden_states, **kwargs, image_meta_size=tile_meta,
+                        image_rotary_emb=tile_rotary, return_dict=False)[0]
+
+    out = tiled_apply(run, hidden_states, tiles, settings.tile_overlap, 1)
+    if not return_dict:
+        return (out,)
+    from diffusers.models.modeling_outputs import Transformer2DModelOutput
+
+    return Transformer2DModelOutput(sample=out)
+
+
+# --- the offline twin (synth.twins builds and caches it; the parts are synth.twin_parts) ---
+
+
+def build_twin(size: TwinSize, seed: int, scratch: Path):
+    """Hunyuan-DiT: BERT + mT5 encoders, DiT with patch 2 and cross attention, DDPM with v-prediction."""
+    from diffusers import DDPMScheduler, HunyuanDiT2DModel, HunyuanDiTPipeline
+    from transformers import BertConfig, BertModel
+
+    from synth.twin_parts import (
+        CHANNELS_PER_HEAD,
+        _bert_tokenizer,
+        _seed,
+        _t5_encoder,
+        _t5_tokenizer,
+        _vae,
+    )
+
+    tokenizer = _bert_tokenizer(scratch / "tokenizer")
+    tokenizer_2 = _t5_tokenizer(scratch / "tokenizer_2", model_max_length=1024)  # mT5's context
+    _seed(seed, "text_encoder")
+    text_encoder = BertModel(
+        BertConfig(
+            vocab_size=len(tokenizer),
+            hidden_size=size.text_width,
+            num_hidden_layers=size.text_layers,
+            num_attention_heads=size.text_width // CHANNELS_PER_HEAD,
+            intermediate_size=size.text_width * 4,
+        )
+    )
+    _seed(seed, "text_encoder_2")
+    text_encoder_2 = _t5_encoder(tokenizer_2, size.wide_text_width, size.text_layers)
+    _seed(seed, "transformer")
+    transformer = HunyuanDiT2DModel(
+        num_attention_heads=size.dit_width // CHANNELS_PER_HEAD,
+        attention_head_dim=CHANNELS_PER_HEAD,
+        hidden_size=size.dit_width,
+        in_channels=4,
+        patch_size=2,
+        sample_size=size.sample_size,
+        num_layers=size.dit_layers,
+        learn_sigma=True,  # the real model predicts a variance too; the pipeline drops it
+        cross_attention_dim=size.text_width,  # BERT states
+        cross_attention_dim_t5=size.wide_text_width,  # mT5 states, attention-pooled for the pooled projection
+        pooled_projection_dim=size.text_width,
+        text_len=77,  # the pipeline pads BERT tokens to 77
+        text_len_t5=256,  # and mT5 tokens to 256
+        use_style_cond_and_image_meta_size=True,  # v1.0/v1.1 layout, the diffusers default
+    )
+    _seed(seed, "vae")
+    # Hunyuan-DiT uses the SDXL VAE in its fp16-fix variant, which needs no float32 upcast.
+    vae = _vae(size, latent_channels=4, scaling_factor=0.13025, force_upcast=False)
+    # Tencent-Hunyuan/HunyuanDiT-Diffusers scheduler: DDPM over 1000 steps, scaled_linear 0.00085-0.03,
+    # v-prediction, "leading" spacing with offset 1.
+    scheduler = DDPMScheduler(
+        num_train_timesteps=1000,
+        beta_start=0.00085,
+        beta_end=0.03,
+        beta_schedule="scaled_linear",
+        prediction_type="v_prediction",
+        clip_sample=False,
+        timestep_spacing="leading",
+        steps_offset=1,
+    )
+    return HunyuanDiTPipeline(
+        vae=vae,
+        text_encoder=text_encoder,
+        tokenizer=tokenizer,
+        transformer=transformer,
+        scheduler=scheduler,
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+        text_encoder_2=text_encoder_2,
+        tokenizer_2=tokenizer_2,
+    )

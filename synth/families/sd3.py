@@ -1,0 +1,209 @@
+"""Stable Diffusion 3 (stabilityai/stable-diffusion-3-medium-diffusers): an MMDiT trained with flow matching,
+with CLIP-L, CLIP-G and T5-XXL text encoders."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from synth.families.base import FLOW, Family
+from synth.families.sdxl import CLIP_L_AND_G
+
+if TYPE_CHECKING:
+    from pathlib import Path
+
+    from synth.twin_parts import TwinSize
+
+
+class SD3(Family):
+    name = "sd3"
+    text2img = "diffusers:StableDiffusion3Pipeline"
+    img2img = "diffusers:StableDiffusion3Img2ImgPipeline"
+    size_step = 16  # VAE factor 8 x patch size 2
+    single_file = True
+    denoiser = "transformer"
+    prediction = FLOW
+    objective = "synth.train.objectives:SD3"
+    tiled_forward = "synth.families.sd3:tiled_forward"
+    twin_builder = "synth.families.sd3:build_twin"
+    # add add_q_proj, add_k_proj, add_v_proj, to_add_out to lora.target_modules for the text stream
+    textual_inversion_targets = CLIP_L_AND_G  # the CLIP-L and CLIP-G of SD1.x and SDXL: their embeddings fit
+    max_sequence_length_limit = 512  # T5's, as StableDiffusion3Pipeline takes it
+    untiled_limit_px = 3072  # SD3-medium's pos_embed_max_size 192 x patch 2 x VAE 8 (the loaded config decides later)
+    tile_step_reason = "the patch size"
+
+    def load_kwargs(self, model_cfg) -> dict:
+        # Dropping T5 saves ~9 GB; the pipeline then pads the T5 slot with zeros, as in sd3_medium_incl_clips.
+        return {} if model_cfg.get("t5", True) else {"text_encoder_3": None, "tokenizer_3": None}
+
+    def call_kwargs(self, model_cfg, task, width, height) -> dict:
+        # The SD3 img2img pipeline defaults its size to the transformer's sample size, not the image's.
+        return {"width": width, "height": height, "max_sequence_length": model_cfg.get("max_sequence_length", 256)}
+
+    def img2img_steps(self, steps: int, strength: float) -> int:
+        # StableDiffusion3Img2ImgPipeline skips int(steps - steps * strength) steps, so it rounds up.
+        return steps - int(max(steps - steps * strength, 0))
+
+    def encode_prompt(self, pipe, prompt, negative, guidance, model_cfg) -> dict:
+        """CLIP-L ++ CLIP-G states zero-padded to T5's width, then T5's states along the sequence
+        (StableDiffusion3Pipeline.encode_prompt, with CLIP chunks; T5 keeps model.max_sequence_length)."""
+        import torch
+
+        from synth.prompt_encoding import (
+            clip_texts,
+            count_chunks,
+            plain_text,
+            two_clips,
+        )
+
+        max_length = int(model_cfg.get("max_sequence_length", 256))
+        device = pipe._execution_device
+        positive, negative_texts = clip_texts(pipe, prompt), clip_texts(pipe, negative)
+        count = count_chunks(pipe, positive, negative_texts) if guidance else count_chunks(pipe, positive)
+
+        def encode(texts: dict, t5_text: str):
+            clip, pooled = two_clips(pipe, texts, count)
+            with torch.no_grad():
+                t5 = pipe._get_t5_prompt_embeds(prompt=t5_text, max_sequence_length=max_length, device=device)
+            clip = torch.nn.functional.pad(clip, (0, t5.shape[-1] - clip.shape[-1]))
+            return torch.cat([clip, t5.to(clip.dtype)], dim=-2), pooled
+
+        embeds, pooled = encode(positive, plain_text(prompt))
+        call = {"prompt_embeds": embeds, "pooled_prompt_embeds": pooled}
+        if guidance:
+            call["negative_prompt_embeds"], call["negative_pooled_prompt_embeds"] = encode(
+                negative_texts, plain_text(negative))
+        return call
+
+    def untiled_limit(self, pipe) -> int | None:
+        return pos_embed_limit(pipe.transformer)
+
+
+def pos_embed_limit(model) -> int | None:
+    """The largest latent side SD3's positional embedding covers (pos_embed_max_size patches), or None: read from
+    the transformer's config."""
+    config = model.config
+    if config.get("pos_embed_max_size") is None:
+        return None
+    return config.pos_embed_max_size * config.patch_size
+
+
+def tiled_forward(model, original, settings, stats, hidden_states, *args, **kwargs):
+    """SD3Transformer2DModel.forward over tiles, each with its window of the sin-cos positional embedding, batched
+    per tile; above the embedding's limit each tile takes the centred crop an image of its size would get."""
+    import torch
+
+    from synth.tiled_denoiser import count_tiles, refuse_residuals, repeat_batch
+    from synth.tiling import tile_layout, tiled_apply
+
+    refuse_residuals(kwargs)
+    return_dict = kwargs.pop("return_dict", True)
+    patch_embed = model.pos_embed
+    patch = patch_embed.patch_size
+    height, width = hidden_states.shape[-2:]
+    limit = pos_embed_limit(model)
+    tile_size = min(settings.tile_size, limit) if limit else settings.tile_size
+    tiles = tile_layout(height, width, tile_size, min(settings.tile_overlap, tile_size - patch), patch)
+    batch = hidden_states.shape[0]
+    count_tiles(stats, tiles, settings.tile_batch_size)
+    if len(tiles) == 1:
+        return original(hidden_states, *args, **kwargs, return_dict=return_dict)
+    full_fits = limit is None or (height <= limit and width <= limit)
+    crop = patch_embed.cropped_pos_embed  # the bound method, before we shadow it
+    full = crop(height, width).reshape(height // patch, width // patch, -1) if full_fits else None
+
+    def run(chunk, crops):
+        embeds = []
+        for tile in chunk:
+            if full is not None:
+                rows = slice(tile.top // patch, (tile.top + tile.height) // patch)
+                columns = slice(tile.left // patch, (tile.left + tile.width) // patch)
+                embed = full[rows, columns].reshape(1, -1, full.shape[-1])
+            else:
+                embed = crop(tile.height, tile.width)
+            embeds.append(embed.expand(batch, -1, -1))
+        stacked = torch.cat(embeds)  # (tiles * batch, patches, dim): one embedding per batch row
+        patch_embed.cropped_pos_embed = lambda *_: stacked
+        try:
+            return original(crops, *repeat_batch(args, batch, len(chunk)), **repeat_batch(kwargs, batch, len(chunk)),
+                            return_dict=False)[0]
+        finally:
+            del patch_embed.cropped_pos_embed
+
+    out = tiled_apply(run, hidden_states, tiles, settings.tile_overlap, settings.tile_batch_size)
+    if not return_dict:
+        return (out,)
+    from diffusers.models.modeling_outputs import Transformer2DModelOutput
+
+    return Transformer2DModelOutput(sample=out)
+
+
+# --- the offline twin (synth.twins builds and caches it; the parts are synth.twin_parts) ---
+
+
+def build_twin(size: TwinSize, seed: int, scratch: Path):
+    """SD3: CLIP-L + CLIP-G (both projected) + T5, MMDiT with patch 2, 16-channel VAE, flow matching."""
+    from diffusers import (
+        FlowMatchEulerDiscreteScheduler,
+        SD3Transformer2DModel,
+        StableDiffusion3Pipeline,
+    )
+
+    from synth.twin_parts import (
+        CHANNELS_PER_HEAD,
+        _clip_text_encoder,
+        _clip_tokenizer,
+        _seed,
+        _t5_encoder,
+        _t5_tokenizer,
+        _vae,
+    )
+
+    tokenizer = _clip_tokenizer(scratch / "tokenizer")
+    tokenizer_2 = _clip_tokenizer(scratch / "tokenizer_2", pad_token="!")
+    tokenizer_3 = _t5_tokenizer(scratch / "tokenizer_3", model_max_length=512)  # T5's context
+    clip_l_width, clip_g_width = size.text_width, size.wide_text_width
+    # The pipeline zero-pads CLIP-L ++ CLIP-G features up to T5's width, so T5 must be at least as wide.
+    t5_width = 2 * (clip_l_width + clip_g_width)
+    _seed(seed, "text_encoder")
+    text_encoder = _clip_text_encoder(tokenizer, clip_l_width, size.text_layers, big=False, with_projection=True)
+    _seed(seed, "text_encoder_2")
+    text_encoder_2 = _clip_text_encoder(tokenizer_2, clip_g_width, size.text_layers, big=True, with_projection=True)
+    _seed(seed, "text_encoder_3")
+    text_encoder_3 = _t5_encoder(tokenizer_3, t5_width, size.text_layers)
+    _seed(seed, "transformer")
+    transformer = SD3Transformer2DModel(
+        sample_size=size.sample_size,
+        patch_size=2,
+        in_channels=16,
+        out_channels=16,
+        num_layers=size.dit_layers,
+        attention_head_dim=CHANNELS_PER_HEAD,
+        num_attention_heads=size.dit_width // CHANNELS_PER_HEAD,
+        joint_attention_dim=t5_width,
+        caption_projection_dim=size.dit_width,
+        pooled_projection_dim=clip_l_width + clip_g_width,  # CLIP-L pooled ++ CLIP-G pooled
+        pos_embed_max_size=64,  # patches per side: room for 1024 px images
+    )
+    _seed(seed, "vae")
+    # SD3's VAE: 16 latent channels, its published shift and scale, no quant convs.
+    vae = _vae(
+        size,
+        latent_channels=16,
+        scaling_factor=1.5305,
+        shift_factor=0.0609,
+        use_quant_conv=False,
+        use_post_quant_conv=False,
+    )
+    # stabilityai/stable-diffusion-3-medium-diffusers scheduler: 1000 steps, timestep shift 3.0.
+    scheduler = FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=3.0)
+    return StableDiffusion3Pipeline(
+        transformer=transformer,
+        scheduler=scheduler,
+        vae=vae,
+        text_encoder=text_encoder,
+        tokenizer=tokenizer,
+        text_encoder_2=text_encoder_2,
+        tokenizer_2=tokenizer_2,
+        text_encoder_3=text_encoder_3,
+        tokenizer_3=tokenizer_3,
+    )
