@@ -91,6 +91,7 @@ def build(family: str):
 
 
 def bench(family: str, steps: int, rank: int, checkpointing: bool) -> tuple[float, int]:
+    from synth.families import get_family
     from synth.train.lora import add_lora
 
     denoiser, objective, cond, batch, latents = build(family)
