@@ -21,7 +21,6 @@ os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["WANDB_MODE"] = "disabled"
 os.environ.setdefault("SYNTH_CACHE_DIR", tempfile.mkdtemp(prefix="same-pixels-"))
 
-MODELS = ["tiny_sd15", "tiny_sdxl", "tiny_sdxl_turbo", "tiny_sd3", "tiny_kolors", "tiny_hunyuan_dit"]
 # highres runs: 2x the 64 px native size, with the decoded-image and the latent upscale, tiled
 CASES = {
     "text2img": [],
@@ -41,13 +40,13 @@ def main() -> None:
     from omegaconf import open_dict
     from PIL import Image
 
-    import synth.config  # noqa: F401 (resolvers)
+    from synth.config import twin_models  # also registers the resolvers
     from synth.infer import infer
 
     torch.set_num_threads(1)
     hashes = {}
     work = Path(tempfile.mkdtemp(prefix="same-pixels-out-"))
-    for model in MODELS:
+    for model in twin_models():  # conf/model/tiny_*.yaml: every family and variant
         base = None
         for case, overrides in CASES.items():
             extra = [f"init_image={base}"] if case in NEEDS_INIT else []

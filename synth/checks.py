@@ -82,6 +82,7 @@ def check_inputs(cfg: DictConfig) -> tuple[int, int]:
                 f"denoise_strength={strength} with num_inference_steps={steps} runs no step "
                 "(image-to-image runs about steps * strength steps); raise either"
             )
+    family.check_model(cfg)  # the family's own model.* settings
     check_highres(cfg, width, height)  # highres group: tiles, stages, strengths
     check_controlnet(cfg, width, height)  # controlnet group: family, paths, scales
     check_model_path(model)

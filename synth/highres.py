@@ -77,7 +77,8 @@ def check_highres(cfg, width: int, height: int) -> None:
         raise ValueError(f"highres.stage_steps={stage_steps}: must be an integer >= 1")
     if highres.get("stages"):
         check_stages(highres, model, family, width, height)
-    limit = family.untiled_limit_px  # the released weights'; check_untiled_fits reads the loaded config
+    # The released weights' limit (model.untiled_limit_px, else the family's); check_untiled_fits reads the loaded config.
+    limit = model.get("untiled_limit_px", family.untiled_limit_px)
     if limit is not None and tiled is False and max(width, height) > limit:
         raise ValueError(
             f"highres.tiled=false: {family.name} cannot run untiled at {width}x{height} (its positional embedding "

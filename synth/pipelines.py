@@ -49,7 +49,9 @@ def ensure_weights(model_cfg: DictConfig) -> None:
     if model_cfg.get("twin"):
         from synth.twins import ensure_twin
 
-        ensure_twin(model_cfg.twin.family, model_cfg.path, preset=model_cfg.twin.preset)
+        options = model_cfg.twin.get("options")
+        ensure_twin(model_cfg.twin.family, model_cfg.path, preset=model_cfg.twin.preset,
+                    options=OmegaConf.to_container(options) if options is not None else None)
 
 
 def load_pipeline(model_cfg: DictConfig, device: torch.device, dtype: torch.dtype, offload: str = "none"):
@@ -83,6 +85,7 @@ def load_pipeline(model_cfg: DictConfig, device: torch.device, dtype: torch.dtyp
             raise offline_error(path) from error
         raise
     load_count += 1
+    family.check_loaded(pipe, model_cfg)
     if offload == "model":
         pipe.enable_model_cpu_offload(device=device)
         return pipe

@@ -34,16 +34,18 @@ def _check_choice(family: str, preset: str) -> None:
 # --- public API -------------------------------------------------------------------------------
 
 
-def build_twin(family: str, out_dir: str | Path, preset: str = "tiny", seed: int = 0) -> Path:
+def build_twin(family: str, out_dir: str | Path, preset: str = "tiny", seed: int = 0, options: dict | None = None) -> Path:
     """Builds a twin pipeline with seeded random weights and saves it as a diffusers folder.
 
-    The same family, preset and seed give bit-identical weights and identical tokenizers.
+    The same family, preset, seed and options give bit-identical weights and identical tokenizers.
 
     Args:
         family: One of FAMILIES.
         out_dir: Folder to save into; created if missing.
         preset: One of PRESETS ("tiny" for tests, "small" for benchmarks).
         seed: Seed for the random weights.
+        options: Architecture options of the family's builder, for a variant's twin (model.twin.options: SD3.5's
+            QK norm and dual-attention layers); None builds the family's own architecture.
 
     Returns:
         ``out_dir`` as a Path.
@@ -51,12 +53,12 @@ def build_twin(family: str, out_dir: str | Path, preset: str = "tiny", seed: int
     _check_choice(family, preset)
     out_dir = Path(out_dir)
     with tempfile.TemporaryDirectory() as scratch:
-        pipeline = FAMILIES[family].build_twin(SIZES[preset], seed, Path(scratch))
+        pipeline = FAMILIES[family].build_twin(SIZES[preset], seed, Path(scratch), **(options or {}))
         pipeline.save_pretrained(out_dir)
     return out_dir
 
 
-def ensure_twin(family: str, out_dir: str | Path, preset: str = "tiny") -> Path:
+def ensure_twin(family: str, out_dir: str | Path, preset: str = "tiny", options: dict | None = None) -> Path:
     """Returns ``out_dir`` holding the twin, building it first if it is not there.
 
     The twin is built in a temporary sibling folder and renamed into place, so readers never see a
@@ -66,12 +68,14 @@ def ensure_twin(family: str, out_dir: str | Path, preset: str = "tiny") -> Path:
         family: One of FAMILIES.
         out_dir: Folder the twin lives in.
         preset: One of PRESETS.
+        options: The builder's architecture options (see build_twin).
 
     Returns:
         ``out_dir`` as a Path.
     """
     _check_choice(family, preset)
-    return build_in_place(out_dir, "model_index.json", lambda scratch: build_twin(family, scratch, preset))
+    return build_in_place(out_dir, "model_index.json",
+                          lambda scratch: build_twin(family, scratch, preset, options=options))
 
 
 def build_in_place(out_dir: str | Path, marker: str, build) -> Path:

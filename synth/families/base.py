@@ -31,7 +31,7 @@ class Family:
     single_file: bool = False  # whether diffusers can load a civitai-style single-file checkpoint
     denoiser: str = "unet"  # the pipeline attribute holding the denoiser, and its LoRA state-dict prefix
     prediction: str = NOISE  # NOISE or FLOW: which schedulers fit (conf/scheduler/*.yaml `fits:`)
-    objective: str  # "module:Class" of the training objective (synth/train/objectives.py)
+    objective: str  # "module:Class" of the training objective (a synth.train.objectives subclass)
     tiled_forward: str = "synth.tiled_denoiser:unet_forward"  # "module:function": the denoiser's forward over tiles
     twin_builder: str  # "module:function" building the random-weight twin (synth/twins.py calls it)
     default_lora_targets: tuple[str, ...] = ATTENTION_PROJECTIONS  # peft target_modules when lora.target_modules=null
@@ -62,9 +62,10 @@ class Family:
     def tiled_forward_function(self):
         return resolve(self.tiled_forward)
 
-    def build_twin(self, size, seed: int, scratch):
-        """The twin pipeline with seeded random weights (not saved)."""
-        return resolve(self.twin_builder)(size, seed, scratch)
+    def build_twin(self, size, seed: int, scratch, **options):
+        """The twin pipeline with seeded random weights (not saved); options: a variant's architecture
+        (model.twin.options), passed to the builder."""
+        return resolve(self.twin_builder)(size, seed, scratch, **options)
 
     def load_kwargs(self, model_cfg) -> dict:
         """Extra from_pretrained arguments the family needs."""
@@ -86,6 +87,12 @@ class Family:
 
     def check_embedding(self, embedding) -> None:
         """Refuse a textual-inversion embedding this family cannot take whole (see synth.textual_inversion)."""
+
+    def check_model(self, cfg) -> None:
+        """Refuse the family's own model.* settings in the infer config cfg, before anything loads."""
+
+    def check_loaded(self, pipe, model_cfg) -> None:
+        """Refuse model.* settings the loaded weights cannot honour (read from their config), before sampling."""
 
     def check_train(self, cfg) -> None:
         """Family-specific training checks (synth.train.run.check_train_inputs), before anything loads."""

@@ -6,6 +6,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from synth.families.base import Family
+from synth.train.objectives import NoisePrediction
 
 if TYPE_CHECKING:
     from pathlib import Path
@@ -19,7 +20,7 @@ class HunyuanDiT(Family):
     img2img = "synth.families.hunyuan_dit_img2img:HunyuanDiTImg2ImgPipeline"
     size_step = 16  # VAE factor 8 x patch size 2
     denoiser = "transformer"
-    objective = "synth.train.objectives:HunyuanDiT"
+    objective = "synth.families.hunyuan_dit:Objective"
     tiled_forward = "synth.families.hunyuan_dit:tiled_forward"
     twin_builder = "synth.families.hunyuan_dit:build_twin"
     peft_loaded = True  # HunyuanDiT2DModel has no diffusers LoRA mixin
@@ -72,6 +73,67 @@ def tiled_forward(model, original, settings, stats, hidden_states, timestep, enc
     from diffusers.models.modeling_outputs import Transformer2DModelOutput
 
     return Transformer2DModelOutput(sample=out)
+
+
+# --- the training objective (synth/train/objectives.py holds the machinery) ---
+
+
+class Objective(NoisePrediction):
+    """Hunyuan-DiT: v prediction on DDPM, bilingual CLIP + mT5 context, 2D RoPE (Li et al., 2024).
+
+    The transformer's inputs follow diffusers' HunyuanDiTPipeline.__call__ (step 7 and the denoising loop).
+    """
+
+    num_text_encoders = 2
+
+    def encode_text(self, prompts, device) -> dict:
+        cond = {}
+        for index, (embeds_key, mask_key, length) in enumerate(
+            (("encoder_hidden_states", "text_embedding_mask", 77), ("encoder_hidden_states_t5", "text_embedding_mask_t5", 256))
+        ):
+            embeds, _, mask, _ = self.pipe.encode_prompt(
+                [p[index] for p in prompts], device=device, dtype=self.pipe.transformer.dtype,
+                num_images_per_prompt=1, do_classifier_free_guidance=False,
+                max_sequence_length=length, text_encoder_index=index,
+            )
+            cond[embeds_key], cond[mask_key] = embeds, mask
+        return cond
+
+    def predict(self, denoiser, noisy, timesteps, cond, batch):
+        import torch
+        from diffusers.models.embeddings import get_2d_rotary_pos_embed
+        from diffusers.pipelines.hunyuandit.pipeline_hunyuandit import (
+            get_resize_crop_region_for_grid,
+        )
+
+        patch = denoiser.config.patch_size
+        grid_height, grid_width = noisy.shape[2] // patch, noisy.shape[3] // patch
+        base_size = 512 // 8 // patch
+        rotary = get_2d_rotary_pos_embed(
+            denoiser.inner_dim // denoiser.num_heads,
+            get_resize_crop_region_for_grid((grid_height, grid_width), base_size),
+            (grid_height, grid_width),
+            device=noisy.device,
+            output_type="pt",
+        )
+        # Hunyuan-DiT orders its size ids original, target, crop (SDXL: original, crop, target).
+        meta = torch.cat([batch["original_size"], batch["target_size"], batch["crop_top_left"]], dim=1).to(noisy)
+        style = torch.zeros(noisy.shape[0], dtype=torch.long, device=noisy.device)
+        output = denoiser(
+            noisy,
+            timesteps.to(noisy.dtype),
+            encoder_hidden_states=cond["encoder_hidden_states"].to(noisy.dtype),
+            text_embedding_mask=cond["text_embedding_mask"],
+            encoder_hidden_states_t5=cond["encoder_hidden_states_t5"].to(noisy.dtype),
+            text_embedding_mask_t5=cond["text_embedding_mask_t5"],
+            image_meta_size=meta,
+            style=style,
+            image_rotary_emb=rotary,
+            return_dict=False,
+        )[0]
+        prediction, _ = output.chunk(2, dim=1)  # the second half is the learned variance, not trained here
+        return prediction
+
 
 
 # --- the offline twin (synth.twins builds and caches it; the parts are synth.twin_parts) ---

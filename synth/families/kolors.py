@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from synth.families.base import Family
+from synth.families.sdxl import Objective as SDXLObjective
 
 if TYPE_CHECKING:
     from pathlib import Path
@@ -16,7 +17,7 @@ class Kolors(Family):
     name = "kolors"
     text2img = "diffusers:KolorsPipeline"
     img2img = "diffusers:KolorsImg2ImgPipeline"
-    objective = "synth.train.objectives:Kolors"
+    objective = "synth.families.kolors:Objective"
     twin_builder = "synth.families.kolors:build_twin"
     max_sequence_length_limit = 256  # ChatGLM's, as KolorsPipeline takes it
 
@@ -32,6 +33,21 @@ class Kolors(Family):
     def check_train(self, cfg) -> None:
         if cfg.vae_dtype == "fp16":
             raise ValueError("vae_dtype=fp16: Kolors' VAE overflows to NaN in fp16; use vae_dtype=fp32 or bf16")
+
+
+# --- the training objective (synth/train/objectives.py holds the machinery) ---
+
+
+class Objective(SDXLObjective):
+    """Kolors: SDXL's UNet conditioned on ChatGLM3, 1100 training steps; its VAE overflows in fp16 (use fp32/bf16)."""
+
+    num_text_encoders = 1
+
+    def encode_text(self, prompts, device) -> dict:
+        embeds, _, pooled, _ = self.pipe.encode_prompt(
+            [p[0] for p in prompts], device=device, num_images_per_prompt=1, do_classifier_free_guidance=False
+        )
+        return {"encoder_hidden_states": embeds, "text_embeds": pooled}
 
 
 # --- the offline twin (synth.twins builds and caches it; the parts are synth.twin_parts) ---

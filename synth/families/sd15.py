@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from synth.families.base import Family
+from synth.train.objectives import NoisePrediction
 
 if TYPE_CHECKING:
     from pathlib import Path
@@ -18,7 +19,7 @@ class SD15(Family):
     img2img = "diffusers:StableDiffusionImg2ImgPipeline"
     controlnet_img2img = "diffusers:StableDiffusionControlNetImg2ImgPipeline"
     single_file = True
-    objective = "synth.train.objectives:SD15"
+    objective = "synth.families.sd15:Objective"
     twin_builder = "synth.families.sd15:build_twin"
     textual_inversion_targets = (("tokenizer", "text_encoder", "clip_l"),)
 
@@ -34,6 +35,21 @@ class SD15(Family):
         if guidance:
             call["negative_prompt_embeds"] = encode_clip(tokenizer, encoder, negative, count, None)[0]
         return call
+
+
+# --- the training objective (synth/train/objectives.py holds the machinery) ---
+
+
+class Objective(NoisePrediction):
+    """SD1.5: CLIP-L hidden states as cross-attention context."""
+
+    def encode_text(self, prompts: list[tuple[str, ...]], device) -> dict:
+        embeds, _ = self.pipe.encode_prompt([p[0] for p in prompts], device, 1, False)
+        return {"encoder_hidden_states": embeds}
+
+    def predict(self, denoiser, noisy, timesteps, cond, batch):
+        context = cond["encoder_hidden_states"].to(noisy.dtype)
+        return denoiser(noisy, timesteps, encoder_hidden_states=context, return_dict=False)[0]
 
 
 # --- the offline twin (synth.twins builds and caches it; the parts are synth.twin_parts) ---

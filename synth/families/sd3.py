@@ -1,5 +1,11 @@
-"""Stable Diffusion 3 (stabilityai/stable-diffusion-3-medium-diffusers): an MMDiT trained with flow matching,
-with CLIP-L, CLIP-G and T5-XXL text encoders."""
+"""Stable Diffusion 3 (stabilityai/stable-diffusion-3-medium-diffusers) and its SD3.5 variants: an MMDiT trained
+with flow matching, with CLIP-L, CLIP-G and T5-XXL text encoders.
+
+SD3.5 Large, Large Turbo and Medium are configs of this family (conf/model/sd35_*.yaml): their transformers differ
+only in what SD3Transformer2DModel's config already says (QK norm, Medium's dual-attention MMDiT-X layers, a larger
+positional embedding), and Medium's skip-layer guidance is StableDiffusion3Pipeline's own, set by
+model.skip_layer_guidance.
+"""
 
 from __future__ import annotations
 
@@ -7,6 +13,7 @@ from typing import TYPE_CHECKING
 
 from synth.families.base import FLOW, Family
 from synth.families.sdxl import CLIP_L_AND_G
+from synth.train.objectives import FlowMatching
 
 if TYPE_CHECKING:
     from pathlib import Path
@@ -22,7 +29,7 @@ class SD3(Family):
     single_file = True
     denoiser = "transformer"
     prediction = FLOW
-    objective = "synth.train.objectives:SD3"
+    objective = "synth.families.sd3:Objective"
     tiled_forward = "synth.families.sd3:tiled_forward"
     twin_builder = "synth.families.sd3:build_twin"
     # add add_q_proj, add_k_proj, add_v_proj, to_add_out to lora.target_modules for the text stream
@@ -37,7 +44,57 @@ class SD3(Family):
 
     def call_kwargs(self, model_cfg, task, width, height) -> dict:
         # The SD3 img2img pipeline defaults its size to the transformer's sample size, not the image's.
-        return {"width": width, "height": height, "max_sequence_length": model_cfg.get("max_sequence_length", 256)}
+        call = {"width": width, "height": height, "max_sequence_length": model_cfg.get("max_sequence_length", 256)}
+        guidance = model_cfg.get("skip_layer_guidance")
+        if task == "text2img" and guidance and guidance.get("layers"):
+            # StableDiffusion3Pipeline's skip-layer guidance (SD3.5 Medium's model card); diffusers'
+            # img2img pipeline has none, so the refinement stages of the high-res chain run without it.
+            call.update(
+                skip_guidance_layers=list(guidance.layers),
+                skip_layer_guidance_scale=float(guidance.scale),
+                skip_layer_guidance_start=float(guidance.start),
+                skip_layer_guidance_stop=float(guidance.stop),
+            )
+        return call
+
+    def check_model(self, cfg) -> None:
+        """model.skip_layer_guidance: layer indices, a scale >= 0 and 0 <= start < stop <= 1; text-to-image with
+        classifier-free guidance only (StableDiffusion3Pipeline applies it inside its CFG branch)."""
+        guidance = cfg.model.get("skip_layer_guidance")
+        if not guidance or not guidance.get("layers"):
+            return
+        layers = guidance.layers
+        if not all(isinstance(layer, int) and not isinstance(layer, bool) and layer >= 0 for layer in layers):
+            raise ValueError(f"model.skip_layer_guidance.layers={list(layers)}: give transformer block indices "
+                             "(integers >= 0), e.g. [7,8,9]")
+        scale, start, stop = guidance.get("scale"), guidance.get("start"), guidance.get("stop")
+        if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not 0 <= scale < float("inf"):
+            raise ValueError(f"model.skip_layer_guidance.scale={scale}: must be a finite number >= 0")
+        for key, value in (("start", start), ("stop", stop)):
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value <= 1:
+                raise ValueError(f"model.skip_layer_guidance.{key}={value}: a fraction of the steps, in [0, 1]")
+        if not start < stop:
+            raise ValueError(f"model.skip_layer_guidance: start={start} must be below stop={stop}")
+        cfg_scale = cfg.guidance_scale if cfg.guidance_scale is not None else cfg.model.guidance_scale
+        if cfg_scale <= 1:
+            raise ValueError(f"model.skip_layer_guidance with guidance_scale={cfg_scale}: skip-layer guidance runs "
+                             "with classifier-free guidance only; raise guidance_scale above 1 or set "
+                             "model.skip_layer_guidance.layers=null")
+        if cfg.init_image is not None:
+            raise ValueError("model.skip_layer_guidance: diffusers' StableDiffusion3Img2ImgPipeline has no skip-layer "
+                             "guidance; it works for text-to-image (drop init_image, or set "
+                             "model.skip_layer_guidance.layers=null)")
+
+    def check_loaded(self, pipe, model_cfg) -> None:
+        """Skip-layer guidance names blocks the loaded transformer has (diffusers ignores others silently)."""
+        guidance = model_cfg.get("skip_layer_guidance")
+        if not guidance or not guidance.get("layers"):
+            return
+        blocks = pipe.transformer.config.num_layers
+        missing = [layer for layer in guidance.layers if layer >= blocks]
+        if missing:
+            raise ValueError(f"model.skip_layer_guidance.layers={list(guidance.layers)}: this transformer has "
+                             f"{blocks} blocks (0..{blocks - 1}); {missing} do not exist")
 
     def img2img_steps(self, steps: int, strength: float) -> int:
         # StableDiffusion3Img2ImgPipeline skips int(steps - steps * strength) steps, so it rounds up.
@@ -137,11 +194,43 @@ def tiled_forward(model, original, settings, stats, hidden_states, *args, **kwar
     return Transformer2DModelOutput(sample=out)
 
 
+# --- the training objective (synth/train/objectives.py holds the machinery) ---
+
+
+class Objective(FlowMatching):
+    """SD3: flow matching on the MMDiT, conditioned on CLIP-L ++ CLIP-G ++ T5 states and the pooled CLIP embeddings
+    (StableDiffusion3Pipeline.encode_prompt; T5 keeps objective.max_sequence_length)."""
+
+    num_text_encoders = 3
+
+    def encode_text(self, prompts, device) -> dict:
+        embeds, _, pooled, _ = self.pipe.encode_prompt(
+            prompt=[p[0] for p in prompts], prompt_2=[p[1] for p in prompts], prompt_3=[p[2] for p in prompts],
+            device=device, num_images_per_prompt=1, do_classifier_free_guidance=False,
+            max_sequence_length=int(self.cfg.get("max_sequence_length") or 256),
+        )
+        return {"encoder_hidden_states": embeds, "pooled_projections": pooled}
+
+    def predict(self, denoiser, noisy, timesteps, cond, batch):
+        return denoiser(
+            hidden_states=noisy,
+            timestep=timesteps,
+            encoder_hidden_states=cond["encoder_hidden_states"].to(noisy.dtype),
+            pooled_projections=cond["pooled_projections"].to(noisy.dtype),
+            return_dict=False,
+        )[0]
+
+
 # --- the offline twin (synth.twins builds and caches it; the parts are synth.twin_parts) ---
 
 
-def build_twin(size: TwinSize, seed: int, scratch: Path):
-    """SD3: CLIP-L + CLIP-G (both projected) + T5, MMDiT with patch 2, 16-channel VAE, flow matching."""
+def build_twin(size: TwinSize, seed: int, scratch: Path, qk_norm: str | None = None,
+               dual_attention_layers: tuple[int, ...] = (), pos_embed_max_size: int = 64):
+    """SD3: CLIP-L + CLIP-G (both projected) + T5, MMDiT with patch 2, 16-channel VAE, flow matching.
+
+    The options give SD3.5's twins their architecture: qk_norm="rms_norm" (Large and Medium),
+    dual_attention_layers (Medium's MMDiT-X blocks) and pos_embed_max_size (patches per side; 64 covers 1024 px).
+    """
     from diffusers import (
         FlowMatchEulerDiscreteScheduler,
         SD3Transformer2DModel,
@@ -182,7 +271,9 @@ def build_twin(size: TwinSize, seed: int, scratch: Path):
         joint_attention_dim=t5_width,
         caption_projection_dim=size.dit_width,
         pooled_projection_dim=clip_l_width + clip_g_width,  # CLIP-L pooled ++ CLIP-G pooled
-        pos_embed_max_size=64,  # patches per side: room for 1024 px images
+        pos_embed_max_size=pos_embed_max_size,
+        qk_norm=qk_norm,
+        dual_attention_layers=tuple(dual_attention_layers),
     )
     _seed(seed, "vae")
     # SD3's VAE: 16 latent channels, its published shift and scale, no quant convs.

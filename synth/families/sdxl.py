@@ -6,6 +6,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from synth.families.base import Family
+from synth.train.objectives import NoisePrediction
 
 CLIP_L_AND_G = (("tokenizer", "text_encoder", "clip_l"), ("tokenizer_2", "text_encoder_2", "clip_g"))
 
@@ -21,7 +22,7 @@ class SDXL(Family):
     img2img = "diffusers:StableDiffusionXLImg2ImgPipeline"
     controlnet_img2img = "diffusers:StableDiffusionXLControlNetImg2ImgPipeline"
     single_file = True
-    objective = "synth.train.objectives:SDXL"
+    objective = "synth.families.sdxl:Objective"
     twin_builder = "synth.families.sdxl:build_twin"
     textual_inversion_targets = CLIP_L_AND_G
 
@@ -51,6 +52,34 @@ class SDXL(Family):
                 f"textual_inversion={embedding.path}: SDXL needs an embedding with clip_l and clip_g vectors; "
                 f"this file has {', '.join(embedding.vectors)} (an SD1.x embedding?)"
             )
+
+
+# --- the training objective (synth/train/objectives.py holds the machinery) ---
+
+
+def size_crop_ids(batch: dict):
+    """SDXL micro-conditioning per sample: original (h, w), crop top-left (y, x), target (h, w)."""
+    import torch
+
+    return torch.cat([batch["original_size"], batch["crop_top_left"], batch["target_size"]], dim=1).float()
+
+
+class Objective(NoisePrediction):
+    """SDXL: CLIP-L + OpenCLIP-G context, pooled G embedding and size/crop ids (Podell et al., 2023)."""
+
+    num_text_encoders = 2
+
+    def encode_text(self, prompts, device) -> dict:
+        embeds, _, pooled, _ = self.pipe.encode_prompt(
+            prompt=[p[0] for p in prompts], prompt_2=[p[1] for p in prompts], device=device,
+            num_images_per_prompt=1, do_classifier_free_guidance=False,
+        )
+        return {"encoder_hidden_states": embeds, "text_embeds": pooled}
+
+    def predict(self, denoiser, noisy, timesteps, cond, batch):
+        added = {"text_embeds": cond["text_embeds"].to(noisy.dtype), "time_ids": size_crop_ids(batch).to(noisy)}
+        context = cond["encoder_hidden_states"].to(noisy.dtype)
+        return denoiser(noisy, timesteps, encoder_hidden_states=context, added_cond_kwargs=added, return_dict=False)[0]
 
 
 # --- the offline twin (synth.twins builds and caches it; the parts are synth.twin_parts) ---

@@ -1,15 +1,22 @@
-"""Training objectives per family: how captions and images are encoded, how noise is added, what the loss is.
+"""The machinery of training objectives: noise prediction on a discrete schedule and rectified flow matching.
 
-One class per family; each says where its recipe comes from. All randomness comes from the generator a
-step passes in, so a step's noise and timesteps depend only on (seed, step), and a resumed run draws the
-same numbers as an uninterrupted one.
+Each family's objective (how its captions are encoded and how its denoiser is called) subclasses one of these
+in the family's own module (synth/families/<family>.py, `Family.objective`). All randomness comes from the
+generator a step passes in, so a step's noise and timesteps depend only on (seed, step), and a resumed run
+draws the same numbers as an uninterrupted one.
+
+torch is imported inside the methods: the family modules subclass these classes at import time, and the input
+checks import the family modules before torch is needed.
 """
 
 from __future__ import annotations
 
-import torch
-import torch.nn.functional as F
+from typing import TYPE_CHECKING
+
 from omegaconf import DictConfig
+
+if TYPE_CHECKING:
+    import torch
 
 TIMESTEP_SAMPLING = ("logit_normal", "mode", "uniform")
 LOSS_WEIGHTING = ("none", "sigma_sqrt", "cosmap")
@@ -18,6 +25,8 @@ PREDICTION_TYPES = ("epsilon", "v_prediction")
 
 def per_sample_mse(prediction: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     """Mean squared error per sample, in fp32 (fp16 squares overflow)."""
+    import torch.nn.functional as F
+
     return F.mse_loss(prediction.float(), target.float(), reduction="none").mean(dim=list(range(1, target.ndim)))
 
 
@@ -48,6 +57,8 @@ class NoisePrediction:
 
     def sample_latents(self, mean: torch.Tensor, std: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
         """Scaled latents sampled from the posterior with generator."""
+        import torch
+
         config = self.pipe.vae.config
         noise = torch.randn(mean.shape, generator=generator, dtype=torch.float32).to(mean)
         shift = getattr(config, "shift_factor", None) or 0.0
@@ -60,6 +71,8 @@ class NoisePrediction:
     # Loss ---------------------------------------------------------------------------------------
     def loss(self, denoiser, latents, cond: dict, batch: dict, generator: torch.Generator) -> torch.Tensor:
         """Per-sample loss of one batch."""
+        import torch
+
         batch_size, channels = latents.shape[:2]
         noise = torch.randn(latents.shape, generator=generator).to(latents)
         if self.cfg.noise_offset:
@@ -81,136 +94,30 @@ class NoisePrediction:
             loss = loss * (clipped / snr if self.prediction_type == "epsilon" else clipped / (snr + 1))
         return loss
 
+    def encode_text(self, prompts: list[tuple[str, ...]], device) -> dict:
+        """The denoiser's text conditioning for a batch of captions (one per text encoder); the family's."""
+        raise NotImplementedError
+
     def predict(self, denoiser, noisy, timesteps, cond, batch):
+        """The denoiser's output for noisy latents at timesteps; the family's."""
         raise NotImplementedError
 
 
-class SD15(NoisePrediction):
-    """SD1.5: CLIP-L hidden states as cross-attention context."""
-
-    def encode_text(self, prompts: list[tuple[str, ...]], device) -> dict:
-        embeds, _ = self.pipe.encode_prompt([p[0] for p in prompts], device, 1, False)
-        return {"encoder_hidden_states": embeds}
-
-    def predict(self, denoiser, noisy, timesteps, cond, batch):
-        context = cond["encoder_hidden_states"].to(noisy.dtype)
-        return denoiser(noisy, timesteps, encoder_hidden_states=context, return_dict=False)[0]
-
-
-def size_crop_ids(batch: dict) -> torch.Tensor:
-    """SDXL micro-conditioning per sample: original (h, w), crop top-left (y, x), target (h, w)."""
-    return torch.cat([batch["original_size"], batch["crop_top_left"], batch["target_size"]], dim=1).float()
-
-
-class SDXL(NoisePrediction):
-    """SDXL: CLIP-L + OpenCLIP-G context, pooled G embedding and size/crop ids (Podell et al., 2023)."""
-
-    num_text_encoders = 2
-
-    def encode_text(self, prompts, device) -> dict:
-        embeds, _, pooled, _ = self.pipe.encode_prompt(
-            prompt=[p[0] for p in prompts], prompt_2=[p[1] for p in prompts], device=device,
-            num_images_per_prompt=1, do_classifier_free_guidance=False,
-        )
-        return {"encoder_hidden_states": embeds, "text_embeds": pooled}
-
-    def predict(self, denoiser, noisy, timesteps, cond, batch):
-        added = {"text_embeds": cond["text_embeds"].to(noisy.dtype), "time_ids": size_crop_ids(batch).to(noisy)}
-        context = cond["encoder_hidden_states"].to(noisy.dtype)
-        return denoiser(noisy, timesteps, encoder_hidden_states=context, added_cond_kwargs=added, return_dict=False)[0]
-
-
-class Kolors(SDXL):
-    """Kolors: SDXL's UNet conditioned on ChatGLM3, 1100 training steps; its VAE overflows in fp16 (use fp32/bf16)."""
-
-    num_text_encoders = 1
-
-    def encode_text(self, prompts, device) -> dict:
-        embeds, _, pooled, _ = self.pipe.encode_prompt(
-            [p[0] for p in prompts], device=device, num_images_per_prompt=1, do_classifier_free_guidance=False
-        )
-        return {"encoder_hidden_states": embeds, "text_embeds": pooled}
-
-
-class HunyuanDiT(NoisePrediction):
-    """Hunyuan-DiT: v prediction on DDPM, bilingual CLIP + mT5 context, 2D RoPE (Li et al., 2024).
-
-    The transformer's inputs follow diffusers' HunyuanDiTPipeline.__call__ (step 7 and the denoising loop).
-    """
-
-    num_text_encoders = 2
-
-    def encode_text(self, prompts, device) -> dict:
-        cond = {}
-        for index, (embeds_key, mask_key, length) in enumerate(
-            (("encoder_hidden_states", "text_embedding_mask", 77), ("encoder_hidden_states_t5", "text_embedding_mask_t5", 256))
-        ):
-            embeds, _, mask, _ = self.pipe.encode_prompt(
-                [p[index] for p in prompts], device=device, dtype=self.pipe.transformer.dtype,
-                num_images_per_prompt=1, do_classifier_free_guidance=False,
-                max_sequence_length=length, text_encoder_index=index,
-            )
-            cond[embeds_key], cond[mask_key] = embeds, mask
-        return cond
-
-    def predict(self, denoiser, noisy, timesteps, cond, batch):
-        from diffusers.models.embeddings import get_2d_rotary_pos_embed
-        from diffusers.pipelines.hunyuandit.pipeline_hunyuandit import (
-            get_resize_crop_region_for_grid,
-        )
-
-        patch = denoiser.config.patch_size
-        grid_height, grid_width = noisy.shape[2] // patch, noisy.shape[3] // patch
-        base_size = 512 // 8 // patch
-        rotary = get_2d_rotary_pos_embed(
-            denoiser.inner_dim // denoiser.num_heads,
-            get_resize_crop_region_for_grid((grid_height, grid_width), base_size),
-            (grid_height, grid_width),
-            device=noisy.device,
-            output_type="pt",
-        )
-        # Hunyuan-DiT orders its size ids original, target, crop (SDXL: original, crop, target).
-        meta = torch.cat([batch["original_size"], batch["target_size"], batch["crop_top_left"]], dim=1).to(noisy)
-        style = torch.zeros(noisy.shape[0], dtype=torch.long, device=noisy.device)
-        output = denoiser(
-            noisy,
-            timesteps.to(noisy.dtype),
-            encoder_hidden_states=cond["encoder_hidden_states"].to(noisy.dtype),
-            text_embedding_mask=cond["text_embedding_mask"],
-            encoder_hidden_states_t5=cond["encoder_hidden_states_t5"].to(noisy.dtype),
-            text_embedding_mask_t5=cond["text_embedding_mask_t5"],
-            image_meta_size=meta,
-            style=style,
-            image_rotary_emb=rotary,
-            return_dict=False,
-        )[0]
-        prediction, _ = output.chunk(2, dim=1)  # the second half is the learned variance, not trained here
-        return prediction
-
-
-class SD3(NoisePrediction):
-    """SD3: rectified flow matching with shifted timesteps and SD3's loss weightings (Esser et al., 2024).
+class FlowMatching(NoisePrediction):
+    """Rectified flow matching with shifted timesteps and SD3's loss weightings (Esser et al., 2024).
 
     After diffusers' examples/dreambooth/train_dreambooth_lora_sd3.py, with sigmas shifted in closed form:
-    sigma = shift * u / (1 + (shift - 1) * u), the same map FlowMatchEulerDiscreteScheduler applies.
+    sigma = shift * u / (1 + (shift - 1) * u), the same map FlowMatchEulerDiscreteScheduler applies. The target
+    is the velocity noise - latents; `predict` gets timesteps as sigma * 1000, as the flow pipelines pass them.
     """
-
-    num_text_encoders = 3
 
     def __init__(self, pipe, objective: DictConfig):
         self.pipe = pipe
         self.cfg = objective
         self.shift = float(objective.shift if objective.shift is not None else pipe.scheduler.config.get("shift", 1.0))
 
-    def encode_text(self, prompts, device) -> dict:
-        embeds, _, pooled, _ = self.pipe.encode_prompt(
-            prompt=[p[0] for p in prompts], prompt_2=[p[1] for p in prompts], prompt_3=[p[2] for p in prompts],
-            device=device, num_images_per_prompt=1, do_classifier_free_guidance=False,
-            max_sequence_length=int(self.cfg.get("max_sequence_length") or 256),
-        )
-        return {"encoder_hidden_states": embeds, "pooled_projections": pooled}
-
     def loss(self, denoiser, latents, cond, batch, generator):
+        import torch
         from diffusers.training_utils import (
             compute_density_for_timestep_sampling,
             compute_loss_weighting_for_sd3,
@@ -229,13 +136,7 @@ class SD3(NoisePrediction):
         sigmas = self.shift * u / (1 + (self.shift - 1) * u)
         sigmas_4d = sigmas.view(-1, 1, 1, 1).to(latents)
         noisy = (1.0 - sigmas_4d) * latents + sigmas_4d * noise
-        prediction = denoiser(
-            hidden_states=noisy,
-            timestep=(sigmas * 1000).to(latents),
-            encoder_hidden_states=cond["encoder_hidden_states"].to(latents.dtype),
-            pooled_projections=cond["pooled_projections"].to(latents.dtype),
-            return_dict=False,
-        )[0]
+        prediction = self.predict(denoiser, noisy, (sigmas * 1000).to(latents), cond, batch)
         weighting = compute_loss_weighting_for_sd3(self.cfg.loss_weighting, sigmas).to(latents.device)
         return weighting.float() * per_sample_mse(prediction, noise - latents)
 
