@@ -131,7 +131,8 @@ def tile_settings(highres, model, family_name: str, vae_scale_factor: int):
 def generate(pipe, call: dict, cfg, width: int, height: int, seed: int, out_dir=None, stem: str = "image"):
     """One image for `call` at width x height: a plain pipeline call, or the staged, tiled chain.
 
-    Returns (PIL image, stats): stats holds the stages run and denoiser calls/tiles.
+    Returns (PIL image, stats): stats holds the stages planned, the plan run ("plan", from the init image's entry
+    stage on) and denoiser calls/tiles.
     """
     import torch
 
@@ -142,7 +143,7 @@ def generate(pipe, call: dict, cfg, width: int, height: int, seed: int, out_dir=
 
     # 1. Plan the chain (synth.stages); at or below native size it is one plain pipeline call.
     plan = plan_stages(highres, family.name, model.native_size, width, height, steps)
-    stats: dict = {"stages": [f"{stage.width}x{stage.height}" for stage in plan]}
+    stats: dict = {"stages": [f"{stage.width}x{stage.height}" for stage in plan], "plan": plan}
     control = controlnet.active(cfg)
     if not staged(highres) or (
         len(plan) == 1 and not control and not needs_tiling(highres, model, family.name, width, height)
@@ -161,7 +162,7 @@ def generate(pipe, call: dict, cfg, width: int, height: int, seed: int, out_dir=
         entry, plan = enter_at(plan, image.width, image.height, float(cfg.denoise_strength), steps)
     else:
         entry = 0
-    stats["entry"] = entry
+    stats["entry"], stats["plan"] = entry, plan  # the stages that run (the PNG's Size and Hires fields)
     tiling = highres.get("tiled", "auto")
     check_untiled_fits(pipe, family, plan, tiling is not False)
 

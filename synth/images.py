@@ -1,5 +1,5 @@
-"""PNG files with provenance (A1111-style `parameters` text, the resolved config, atomic no-overwrite writes)
-and the one way synth reads an image it is given (init images, datasets): as an image viewer shows it."""
+"""PNG files with provenance (the resolved config, atomic no-overwrite writes; the A1111 `parameters` text is
+synth.a1111's) and the one way synth reads an image it is given (init images, datasets): as an image viewer shows it."""
 
 from __future__ import annotations
 
@@ -23,27 +23,6 @@ STALE_TEMP_SECONDS = 24 * 3600  # a temp file whose writer cannot be checked (an
 DEAD_TEMP_SECONDS = 60  # and one whose pid is gone after a minute untouched: a writer in another pid namespace
 # (a container sharing this folder and host name) looks dead from here, but it touches its file while it writes
 TEXT_CHUNKS = (b"tEXt", b"zTXt", b"iTXt")
-
-
-def a1111_parameters(cfg: DictConfig, width: int, height: int, steps: int, guidance: float) -> str:
-    """The prompt and settings in the A1111 `parameters` convention: prompt, negative prompt, then `Key: value, ...`."""
-    fields = {
-        "Steps": steps,
-        "Sampler": cfg.scheduler.name,
-        "CFG scale": guidance,
-        "Seed": cfg.seed,
-        "Size": f"{width}x{height}",
-        "Model": Path(str(cfg.model.path)).name,
-        "Family": cfg.model.family,
-    }
-    if cfg.init_image is not None:
-        fields["Denoising strength"] = cfg.denoise_strength
-    fields["Version"] = "synth"
-    lines = [str(cfg.prompt)]
-    if cfg.negative_prompt:
-        lines.append(f"Negative prompt: {cfg.negative_prompt}")
-    lines.append(", ".join(f"{key}: {value}" for key, value in fields.items()))
-    return "\n".join(lines)
 
 
 # --- reading the images a user gives ------------------------------------------------------------------------
@@ -292,8 +271,23 @@ def count_nodes(value, limit: int = MAX_NODES) -> int:
     return count
 
 
-def read_stored_config(path: str | Path) -> dict:
+def read_png_text(path: str | Path) -> dict[str, str]:
+    """The text chunks of a PNG given as replay=, with a missing or unreadable file as one FileNotFoundError or
+    ValueError naming it."""
+    path = Path(path).expanduser()
+    if not path.is_file():
+        raise FileNotFoundError(f"replay={path}: no such file")
+    try:
+        return read_text(path)
+    except TooManyPixels:
+        raise
+    except Exception as error:  # noqa: BLE001  (as in open_image_as_viewed: any decoder error means unreadable)
+        raise ValueError(f"replay={path}: not a readable image ({type(error).__name__}: {error})") from None
+
+
+def read_stored_config(path: str | Path, text: dict[str, str] | None = None) -> dict:
     """The `synth-config` chunk of a PNG as plain data: YAML without tags, a mapping; ValueError otherwise.
+    text: the PNG's chunks if already read (read_png_text).
 
     Anyone can write that chunk, so it is parsed with yaml.safe_load (a python tag is an error, never an object)
     and nothing in it is resolved; synth.replay then checks it against synth's own config.
@@ -301,16 +295,10 @@ def read_stored_config(path: str | Path) -> dict:
     import yaml
 
     path = Path(path).expanduser()
-    if not path.is_file():
-        raise FileNotFoundError(f"replay={path}: no such file")
-    try:
-        text = read_text(path)
-    except TooManyPixels:
-        raise
-    except Exception as error:  # noqa: BLE001  (as in open_image_as_viewed: any decoder error means unreadable)
-        raise ValueError(f"replay={path}: not a readable image ({type(error).__name__}: {error})") from None
+    text = read_png_text(path) if text is None else text
     if CONFIG_KEY not in text:
-        raise ValueError(f"replay={path}: the image has no synth metadata (no '{CONFIG_KEY}' text chunk)")
+        also = f" and no A1111 '{PARAMETERS_KEY}' text" if PARAMETERS_KEY not in text else ""
+        raise ValueError(f"replay={path}: the image has no synth metadata (no '{CONFIG_KEY}' text chunk){also}")
     try:
         data = yaml.safe_load(text[CONFIG_KEY])
     except yaml.YAMLError as error:

@@ -27,7 +27,8 @@ def infer(cfg: DictConfig) -> list[Path]:
 
     from synth import highres, pipelines
     from synth.families import get_family
-    from synth.images import CONFIG_KEY, PARAMETERS_KEY, a1111_parameters, open_image_as_viewed, save_png
+    from synth.a1111 import a1111_parameters, resources
+    from synth.images import CONFIG_KEY, PARAMETERS_KEY, open_image_as_viewed, save_png
 
     family = get_family(model.family)
 
@@ -36,6 +37,7 @@ def infer(cfg: DictConfig) -> list[Path]:
     dtype = pipelines.resolve_dtype(cfg.dtype, device, model)
     pipe = pipelines.for_task(pipelines.get_pipeline(cfg, device, dtype), family.name, task)
     pipe.set_progress_bar_config(desc=f"{family.name} {task}", leave=False)
+    found = resources(cfg)  # the model's, LoRAs' and embeddings' names and hashes for the PNGs (hashing is cached)
 
     # 3. Prepare the call: the prompter's prompt (translated, refined) encoded once for the run (CLIP families:
     # embeddings, long prompts in 77-token chunks); image-to-image takes the init image at the requested size.
@@ -68,14 +70,16 @@ def infer(cfg: DictConfig) -> list[Path]:
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
         # Above the native size: staged upscale + refine on tiles (synth/highres.py); else one pipeline call.
-        image, _ = highres.generate(pipe, call, cfg, width, height, seed, out_dir, f"{index:03d}-seed{seed}")
+        image, stats = highres.generate(pipe, call, cfg, width, height, seed, out_dir, f"{index:03d}-seed{seed}")
         peak = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
         log.info("image %d/%d (seed %d) in %.2f s%s", index + 1, cfg.num_images, seed, time.perf_counter() - start,
                  f", peak CUDA memory {peak:.2f} GiB" if peak is not None else "")
 
-        # 5. Write the PNG with its prompt, settings and the config that regenerates exactly this image.
+        # 5. Write the PNG with its prompt and settings in A1111's words (the scheduler and stages that ran, the
+        # resources' hashes) and the config that regenerates exactly this image.
         text = {
-            PARAMETERS_KEY: a1111_parameters(image_cfg, width, height, steps, guidance),
+            PARAMETERS_KEY: a1111_parameters(image_cfg, width, height, steps, guidance, pipe.scheduler, found,
+                                             stats.get("plan")),
             CONFIG_KEY: OmegaConf.to_yaml(image_cfg, resolve=True),
         }
         if peak is not None:

@@ -12,6 +12,9 @@ from conf/ by Hydra:
   paths such as init_image, lora.path, textual_inversion) must equal what synth's config says, or the key must
   be given again on the command line; otherwise the replay is refused in one line naming the key;
 - output_dir, logger and hydra settings always come from the current run.
+
+A PNG made by A1111 or Forge has only a `parameters` text; synth.replay_a1111 maps what it can of that text
+onto the config the command line composes and says in one line what it could not map.
 """
 
 from __future__ import annotations
@@ -24,7 +27,7 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 
 from synth.config import CONF_DIR, group_options
 from synth.cli_args import escape_all_interpolations
-from synth.images import count_nodes, read_stored_config
+from synth.images import CONFIG_KEY, PARAMETERS_KEY, count_nodes, read_png_text, read_stored_config
 
 GROUPS = ("model", "scheduler", "highres", "controlnet", "prompter", "lora")  # groups whose choice the PNG records
 CURRENT_RUN = ("output_dir", "replay", "logger", "hydra")  # always the current run's, whatever the PNG says
@@ -226,10 +229,15 @@ def replay_config(cfg: DictConfig, overrides: list[str]) -> DictConfig:
     over the checked stored config regenerates the image exactly unless something was changed.
     """
     png = Path(str(cfg.replay)).expanduser()
-    stored = read_stored_config(png)
+    text = read_png_text(png)
     parsed = OverridesParser.create().parse_overrides([o for o in overrides if not o.startswith(("replay=", "+replay="))])
     parsed = [o for o in parsed if not (o.key_or_group == "hydra" or o.key_or_group.startswith("hydra."))]
     overridden = {override.key_or_group for override in parsed}
+    if CONFIG_KEY not in text and PARAMETERS_KEY in text:  # made by A1111 or Forge: map what its text says
+        from synth.replay_a1111 import a1111_replay_config
+
+        return a1111_replay_config(cfg, overridden, png, text[PARAMETERS_KEY])
+    stored = read_stored_config(png, text)
     validator = Validator(png, overridden)
 
     # 1. The group choices the PNG records; a group given on the command line is the command line's.

@@ -10,14 +10,11 @@ import zlib
 
 import numpy as np
 import pytest
-from conftest import compose_infer
-from omegaconf import OmegaConf
 from PIL import Image, PngImagePlugin
 
 from synth.images import (
     CONFIG_KEY,
     PARAMETERS_KEY,
-    a1111_parameters,
     open_image_as_viewed,
     read_config,
     read_text,
@@ -51,16 +48,6 @@ def test_crash_mid_write_leaves_nothing(tmp_path, monkeypatch):
     with pytest.raises(OSError, match="disk full"):
         save_png(Image.new("RGB", (8, 8)), tmp_path, "img", {})
     assert list(tmp_path.iterdir()) == []
-
-
-def test_a1111_parameters_layout(tmp_path):
-    cfg = compose_infer(["model=tiny_sd15", "prompt=a red car", "negative_prompt=blurry", "seed=7", "init_image=x.png"])
-    text = a1111_parameters(cfg, 64, 48, 2, 7.5)
-    prompt, negative, fields = text.split("\n")
-    assert prompt == "a red car" and negative == "Negative prompt: blurry"
-    assert "Steps: 2, Sampler: default, CFG scale: 7.5, Seed: 7, Size: 64x48" in fields
-    assert "Denoising strength: 0.75" in fields
-    assert OmegaConf.to_yaml(cfg)  # the config itself serialises
 
 
 # --- input images as a viewer shows them (synth.images.open_image_as_viewed) --------------------------------

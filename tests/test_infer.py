@@ -72,7 +72,7 @@ def test_num_images_each_replayable_by_seed(tmp_path):
 def test_metadata(tmp_path):
     [path] = generate(tmp_path, "model=tiny_sd15", "prompt=a red car", "negative_prompt=blurry", "seed=4")
     text = read_text(path)
-    assert text[PARAMETERS_KEY].startswith("a red car\nNegative prompt: blurry\nSteps: 2, Sampler: default, CFG scale: 7.5, Seed: 4, Size: 64x64")
+    assert text[PARAMETERS_KEY].startswith("a red car\nNegative prompt: blurry\nSteps: 2, Sampler: PLMS, CFG scale: 7.5, Seed: 4, Size: 64x64")  # PNDM ran
     stored = read_config(path)
     assert stored.model.family == "sd15" and stored.prompt == "a red car" and "${" not in text[CONFIG_KEY]
 
