@@ -21,7 +21,7 @@ import torch
 from PIL import Image
 from torch import nn
 
-from synth.config import HUB_ID
+from synth.config import check_weights_source
 from synth.twins import build_in_place
 
 HUB_REPO = "lllyasviel/Annotators"  # where ControlNet 1.1 publishes its annotator weights
@@ -192,19 +192,12 @@ def _to_rgb(image: Image.Image) -> Image.Image:
 
 def _locate(path: str, filename: str) -> Path:
     """The local file for path (a folder or a hub repo id), downloading from the hub if it is not cached."""
-    local = Path(path).expanduser()
-    if local.is_dir():
-        file = local / filename
-        if not file.is_file():
-            raise FileNotFoundError(
-                f"lineart annotator: {local} has no {filename}; copy it there from the hub repo {HUB_REPO}, "
-                "or build an offline twin with synth.annotators.ensure_lineart_twin"
-            )
-        return file
-    if local.exists() or not HUB_ID.match(path):
-        raise FileNotFoundError(
-            f"lineart annotator: {path} is neither a folder nor a hub repo id like {HUB_REPO!r}"
-        )
+    if check_weights_source(
+        "lineart annotator", path, filename, offline_message=None, folder_error=FileNotFoundError, local_word="folder",
+        folder_note=f"; copy it there from the hub repo {HUB_REPO}, or build an offline twin with "
+                    "synth.annotators.ensure_lineart_twin",
+    ):
+        return Path(path).expanduser() / filename
     from huggingface_hub import hf_hub_download
     from huggingface_hub.errors import (
         EntryNotFoundError,

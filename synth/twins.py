@@ -19,7 +19,7 @@ from pathlib import Path
 from synth.families import (
     FAMILIES,  # each family names its builder: Family.twin_builder
 )
-from synth.single_file import save_single_file_sd15  # noqa: F401  (part of this module's API)
+from synth.families.sd15_single_file import save_single_file_sd15  # noqa: F401  (part of this module's API)
 from synth.twin_parts import PRESETS, SIZES, TwinSize, _seed  # noqa: F401  (the presets; _seed for other twin builders)
 
 

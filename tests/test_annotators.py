@@ -127,7 +127,7 @@ def test_missing_files_and_offline_hub_ids_raise_file_not_found(tmp_path, twin):
     (tmp_path / "only_realistic" / "sk_model.pth").write_bytes((twin / "sk_model.pth").read_bytes())
     with pytest.raises(FileNotFoundError, match="has no sk_model2.pth"):
         LineartAnnotator.from_pretrained(tmp_path / "only_realistic", coarse=True)
-    with pytest.raises(FileNotFoundError, match="neither a folder nor a hub repo id"):
+    with pytest.raises(ValueError, match="neither an existing local folder nor a hub id"):
         LineartAnnotator.from_pretrained(str(tmp_path / "no_such_folder"))
     # conftest sets HF_HUB_OFFLINE=1: an uncached hub file fails at once, naming the repo and how to get it.
     with pytest.raises(FileNotFoundError, match="lllyasviel/Annotators.*sk_model.pth.*not available offline"):
