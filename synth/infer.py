@@ -26,8 +26,8 @@ def infer(cfg: DictConfig) -> list[Path]:
     from PIL import Image
 
     from synth import highres, pipelines
-    from synth.families import get_family
     from synth.a1111 import a1111_parameters, resources
+    from synth.families import get_family
     from synth.images import CONFIG_KEY, PARAMETERS_KEY, open_image_as_viewed, save_png
 
     family = get_family(model.family)

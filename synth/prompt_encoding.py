@@ -20,7 +20,6 @@ import torch
 
 from synth.textual_inversion import expand
 
-
 # `(words:1.3)`: the A1111 / ComfyUI weighting syntax (only this explicit form; plain parentheses stay text).
 WEIGHTED = re.compile(r"\(([^()]+):\s*(\d+(?:\.\d+)?)\)")
 

@@ -25,9 +25,15 @@ from pathlib import Path
 from hydra.core.override_parser.overrides_parser import OverridesParser
 from omegaconf import DictConfig, OmegaConf, open_dict
 
-from synth.config import CONF_DIR, group_options
 from synth.cli_args import escape_all_interpolations
-from synth.images import CONFIG_KEY, PARAMETERS_KEY, count_nodes, read_png_text, read_stored_config
+from synth.config import CONF_DIR, group_options
+from synth.images import (
+    CONFIG_KEY,
+    PARAMETERS_KEY,
+    count_nodes,
+    read_png_text,
+    read_stored_config,
+)
 
 GROUPS = ("model", "scheduler", "highres", "controlnet", "prompter", "lora")  # groups whose choice the PNG records
 CURRENT_RUN = ("output_dir", "replay", "logger", "hydra")  # always the current run's, whatever the PNG says

@@ -32,7 +32,13 @@ from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf, open_dict
 
-from synth.a1111 import Infotext, configured_scheduler, parse_parameters, resource_name, sampler_name
+from synth.a1111 import (
+    Infotext,
+    configured_scheduler,
+    parse_parameters,
+    resource_name,
+    sampler_name,
+)
 from synth.cli_args import escape_interpolations
 from synth.config import CONF_DIR, group_options
 
@@ -115,7 +121,9 @@ def scheduler_options(mapping: Mapping) -> list[tuple[str, str, str | None]]:
         if not option.get("cls"):
             model = mapping.cfg.model
             if model.get("twin") and not Path(str(model.path)).expanduser().exists():
-                from synth.twins import ensure_twin  # its scheduler config is part of the twin
+                from synth.twins import (
+                    ensure_twin,  # its scheduler config is part of the twin
+                )
 
                 ensure_twin(model.twin.family, model.path, preset=model.twin.preset)
         identity = configured_scheduler(option, mapping.cfg.model)

@@ -136,6 +136,15 @@ def repeat_batch(value, batch: int, times: int):
     return value
 
 
+def transformer_output(out: torch.Tensor, return_dict: bool):
+    """A tiled DiT forward's result as the model's own forward returns it: (out,) or Transformer2DModelOutput."""
+    if not return_dict:
+        return (out,)
+    from diffusers.models.modeling_outputs import Transformer2DModelOutput
+
+    return Transformer2DModelOutput(sample=out)
+
+
 def refuse_residuals(kwargs: dict) -> None:
     for name in ("down_block_additional_residuals", "mid_block_additional_residual", "block_controlnet_hidden_states",
                  "controlnet_block_samples", "down_intrablock_additional_residuals"):

@@ -11,11 +11,11 @@ import torch
 
 from synth.twin_tokenizers import (  # noqa: F401  (CAPTIONS and the trainers are used by other twin builders)
     CAPTIONS,
-    _bert_tokenizer,
-    _chatglm_tokenizer,
-    _clip_tokenizer,
     _sentencepiece_model,
-    _t5_tokenizer,
+    build_bert_tokenizer,
+    build_chatglm_tokenizer,
+    build_clip_tokenizer,
+    build_t5_tokenizer,
 )
 
 PRESETS = ("tiny", "small")
@@ -68,7 +68,7 @@ SIZES = {
 CHANNELS_PER_HEAD = 16
 
 
-def _seed(seed: int, component: str) -> None:
+def seed_component(seed: int, component: str) -> None:
     """Seeds torch per component, so each component's weights depend only on (seed, name)."""
     torch.manual_seed(zlib.crc32(f"{seed}/{component}".encode()))
 
@@ -78,7 +78,7 @@ def _seed(seed: int, component: str) -> None:
 # --- shared components ------------------------------------------------------------------------
 
 
-def _vae(size: TwinSize, **family_config):
+def build_vae(size: TwinSize, **family_config):
     """Builds an AutoencoderKL with four blocks (8x downscale); the family passes latent channels and scaling."""
     from diffusers import AutoencoderKL
 
@@ -94,7 +94,7 @@ def _vae(size: TwinSize, **family_config):
     )
 
 
-def _clip_text_encoder(tokenizer, width: int, layers: int, big: bool, with_projection: bool):
+def build_clip_text_encoder(tokenizer, width: int, layers: int, big: bool, with_projection: bool):
     """Builds a CLIP text encoder; ``big`` picks OpenCLIP-G's gelu over CLIP-L's quick_gelu."""
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
@@ -115,7 +115,7 @@ def _clip_text_encoder(tokenizer, width: int, layers: int, big: bool, with_proje
     return model_class(config)
 
 
-def _t5_encoder(tokenizer, width: int, layers: int):
+def build_t5_encoder(tokenizer, width: int, layers: int):
     """Builds a T5 v1.1 / mT5-style encoder (gated-gelu feed-forward, untied embeddings)."""
     from transformers import T5Config, T5EncoderModel
 
@@ -132,7 +132,7 @@ def _t5_encoder(tokenizer, width: int, layers: int):
     return T5EncoderModel(config)
 
 
-def _sdxl_unet(size: TwinSize, cross_attention_dim: int, pooled_dim: int, **family_config):
+def build_sdxl_unet(size: TwinSize, cross_attention_dim: int, pooled_dim: int, **family_config):
     """Builds an SDXL-shaped UNet: three blocks, attention in the lower two, text_time add-embeddings."""
     from diffusers import UNet2DConditionModel
 

@@ -10,7 +10,6 @@ import string
 from collections import Counter
 from pathlib import Path
 
-
 # English and Chinese captions; every tokenizer is trained on these.
 CAPTIONS = (
     "a photo of a dog",
@@ -80,7 +79,7 @@ def _learn_bpe_merges(words: Counter, num_merges: int) -> list[tuple[str, str]]:
     return merges
 
 
-def _clip_tokenizer(folder: Path, pad_token: str = "<|endoftext|>"):
+def build_clip_tokenizer(folder: Path, pad_token: str = "<|endoftext|>"):
     """Trains a byte-level CLIP BPE tokenizer on CAPTIONS, laid out like OpenAI's (bytes, bytes+</w>, merges, specials).
 
     The merges are learned in plain Python: ``tokenizers``' BpeTrainer breaks ties between equally
@@ -129,7 +128,7 @@ def _sentencepiece_model(model_type: str, **trainer_options) -> bytes:
     return model.getvalue()
 
 
-def _t5_tokenizer(folder: Path, model_max_length: int):
+def build_t5_tokenizer(folder: Path, model_max_length: int):
     """Trains a T5/mT5-style unigram SentencePiece tokenizer (pad 0, eos 1, unk 2, no BOS).
 
     On a corpus this small the unigram trainer keeps few whole words ("photo" becomes "▁p ho t o"),
@@ -143,7 +142,7 @@ def _t5_tokenizer(folder: Path, model_max_length: int):
     return T5Tokenizer.from_pretrained(folder, extra_ids=0, model_max_length=model_max_length)
 
 
-def _bert_tokenizer(folder: Path):
+def build_bert_tokenizer(folder: Path):
     """Writes a WordPiece vocabulary (specials, characters incl. CJK, ##-suffixes, caption words) and loads it."""
     from transformers import BertTokenizer
 
@@ -162,7 +161,7 @@ def _bert_tokenizer(folder: Path):
     return BertTokenizer.from_pretrained(folder, model_max_length=512)
 
 
-def _chatglm_tokenizer(folder: Path):
+def build_chatglm_tokenizer(folder: Path):
     """Trains a ChatGLM3-style SentencePiece model (BPE, byte fallback, unk/bos/eos 0/1/2) for ChatGLMTokenizer."""
     from diffusers.pipelines.kolors import ChatGLMTokenizer
 

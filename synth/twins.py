@@ -20,7 +20,7 @@ from synth.families import (
     FAMILIES,  # each family names its builder: Family.twin_builder
 )
 from synth.families.sd15_single_file import save_single_file_sd15  # noqa: F401  (part of this module's API)
-from synth.twin_parts import PRESETS, SIZES, TwinSize, _seed  # noqa: F401  (the presets; _seed for other twin builders)
+from synth.twin_parts import PRESETS, SIZES, TwinSize, seed_component  # noqa: F401  (the presets; seed_component for other twin builders)
 
 
 def _check_choice(family: str, preset: str) -> None:

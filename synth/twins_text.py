@@ -19,8 +19,7 @@ from pathlib import Path
 import torch
 
 from synth.twin_tokenizers import CAPTIONS, _learn_bpe_merges
-from synth.twins import build_in_place
-from synth.twins import _seed
+from synth.twins import build_in_place, seed_component
 
 KINDS = ("marian", "bloom")
 
@@ -121,7 +120,7 @@ def build_marian(out_dir: Path, seed: int = 0) -> None:
         num_beams=4,  # opus-mt's generation default
         bad_words_ids=[[pad]],
     )
-    _seed(seed, "marian")
+    seed_component(seed, "marian")
     model = MarianMTModel(config)
     batch = tokenizer(list(TRANSLATIONS), text_target=list(TRANSLATIONS.values()), padding=True, return_tensors="pt")
     batch["labels"][batch["labels"] == pad] = -100
@@ -177,7 +176,7 @@ def build_bloom(out_dir: Path, seed: int = 0) -> None:
         eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,
     )
-    _seed(seed, "bloom")
+    seed_component(seed, "bloom")
     model = BloomForCausalLM(config)
     batch = tokenizer([e + tokenizer.eos_token for e in examples], padding=True, return_tensors="pt")
     batch["labels"] = batch["input_ids"].masked_fill(batch["attention_mask"] == 0, -100)

@@ -36,7 +36,7 @@ class HunyuanDiT(Family):
 def tiled_forward(model, original, settings, stats, hidden_states, timestep, encoder_hidden_states=None, **kwargs):
     """HunyuanDiT2DModel.forward over tiles: each gets its rows of the rotary embedding and its size conditioning;
     one tile per call, because the rotary embedding is shared by the whole batch."""
-    from synth.tiled_denoiser import count_tiles, refuse_residuals
+    from synth.tiled_denoiser import count_tiles, refuse_residuals, transformer_output
     from synth.tiling import tile_layout, tiled_apply
 
     refuse_residuals(kwargs)
@@ -67,12 +67,7 @@ def tiled_forward(model, original, settings, stats, hidden_states, timestep, enc
         return original(crops, timestep, encoder_hidden_states, **kwargs, image_meta_size=tile_meta,
                         image_rotary_emb=tile_rotary, return_dict=False)[0]
 
-    out = tiled_apply(run, hidden_states, tiles, settings.tile_overlap, 1)
-    if not return_dict:
-        return (out,)
-    from diffusers.models.modeling_outputs import Transformer2DModelOutput
-
-    return Transformer2DModelOutput(sample=out)
+    return transformer_output(tiled_apply(run, hidden_states, tiles, settings.tile_overlap, 1), return_dict)
 
 
 # --- the training objective (synth/train/objectives.py holds the machinery) ---
@@ -146,16 +141,16 @@ def build_twin(size: TwinSize, seed: int, scratch: Path):
 
     from synth.twin_parts import (
         CHANNELS_PER_HEAD,
-        _bert_tokenizer,
-        _seed,
-        _t5_encoder,
-        _t5_tokenizer,
-        _vae,
+        build_bert_tokenizer,
+        build_t5_encoder,
+        build_t5_tokenizer,
+        build_vae,
+        seed_component,
     )
 
-    tokenizer = _bert_tokenizer(scratch / "tokenizer")
-    tokenizer_2 = _t5_tokenizer(scratch / "tokenizer_2", model_max_length=1024)  # mT5's context
-    _seed(seed, "text_encoder")
+    tokenizer = build_bert_tokenizer(scratch / "tokenizer")
+    tokenizer_2 = build_t5_tokenizer(scratch / "tokenizer_2", model_max_length=1024)  # mT5's context
+    seed_component(seed, "text_encoder")
     text_encoder = BertModel(
         BertConfig(
             vocab_size=len(tokenizer),
@@ -165,9 +160,9 @@ def build_twin(size: TwinSize, seed: int, scratch: Path):
             intermediate_size=size.text_width * 4,
         )
     )
-    _seed(seed, "text_encoder_2")
-    text_encoder_2 = _t5_encoder(tokenizer_2, size.wide_text_width, size.text_layers)
-    _seed(seed, "transformer")
+    seed_component(seed, "text_encoder_2")
+    text_encoder_2 = build_t5_encoder(tokenizer_2, size.wide_text_width, size.text_layers)
+    seed_component(seed, "transformer")
     transformer = HunyuanDiT2DModel(
         num_attention_heads=size.dit_width // CHANNELS_PER_HEAD,
         attention_head_dim=CHANNELS_PER_HEAD,
@@ -184,9 +179,9 @@ def build_twin(size: TwinSize, seed: int, scratch: Path):
         text_len_t5=256,  # and mT5 tokens to 256
         use_style_cond_and_image_meta_size=True,  # v1.0/v1.1 layout, the diffusers default
     )
-    _seed(seed, "vae")
+    seed_component(seed, "vae")
     # Hunyuan-DiT uses the SDXL VAE in its fp16-fix variant, which needs no float32 upcast.
-    vae = _vae(size, latent_channels=4, scaling_factor=0.13025, force_upcast=False)
+    vae = build_vae(size, latent_channels=4, scaling_factor=0.13025, force_upcast=False)
     # Tencent-Hunyuan/HunyuanDiT-Diffusers scheduler: DDPM over 1000 steps, scaled_linear 0.00085-0.03,
     # v-prediction, "leading" spacing with offset 1.
     scheduler = DDPMScheduler(

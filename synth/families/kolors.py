@@ -95,21 +95,26 @@ def build_twin(size: TwinSize, seed: int, scratch: Path):
     """Kolors: ChatGLM text encoder, SDXL-shaped UNet projecting ChatGLM states (text_proj), Euler."""
     from diffusers import EulerDiscreteScheduler, KolorsPipeline
 
-    from synth.twin_parts import _chatglm_tokenizer, _sdxl_unet, _seed, _vae
+    from synth.twin_parts import (
+        build_chatglm_tokenizer,
+        build_sdxl_unet,
+        build_vae,
+        seed_component,
+    )
 
-    tokenizer = _chatglm_tokenizer(scratch / "tokenizer")
-    _seed(seed, "text_encoder")
+    tokenizer = build_chatglm_tokenizer(scratch / "tokenizer")
+    seed_component(seed, "text_encoder")
     text_encoder = chatglm_encoder(tokenizer, size)
-    _seed(seed, "unet")
-    unet = _sdxl_unet(
+    seed_component(seed, "unet")
+    unet = build_sdxl_unet(
         size,
         cross_attention_dim=size.wide_text_width,
         pooled_dim=size.text_width,  # the pooled embedding is ChatGLM's last hidden state at the last token
         encoder_hid_dim_type="text_proj",  # a linear layer maps ChatGLM states to cross_attention_dim
         encoder_hid_dim=size.text_width,
     )
-    _seed(seed, "vae")
-    vae = _vae(size, latent_channels=4, scaling_factor=0.13025, force_upcast=True)  # Kolors reuses the SDXL VAE
+    seed_component(seed, "vae")
+    vae = build_vae(size, latent_channels=4, scaling_factor=0.13025, force_upcast=True)  # Kolors reuses the SDXL VAE
     # Kwai-Kolors/Kolors-diffusers scheduler: trained over 1100 steps with scaled_linear 0.00085-0.014,
     # "leading" spacing and offset 1, as in SDXL.
     scheduler = EulerDiscreteScheduler(

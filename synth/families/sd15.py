@@ -61,16 +61,16 @@ def build_twin(size: TwinSize, seed: int, scratch: Path):
 
     from synth.twin_parts import (
         CHANNELS_PER_HEAD,
-        _clip_text_encoder,
-        _clip_tokenizer,
-        _seed,
-        _vae,
+        build_clip_text_encoder,
+        build_clip_tokenizer,
+        build_vae,
+        seed_component,
     )
 
-    tokenizer = _clip_tokenizer(scratch / "tokenizer")
-    _seed(seed, "text_encoder")
-    text_encoder = _clip_text_encoder(tokenizer, size.text_width, size.text_layers, big=False, with_projection=False)
-    _seed(seed, "unet")
+    tokenizer = build_clip_tokenizer(scratch / "tokenizer")
+    seed_component(seed, "text_encoder")
+    text_encoder = build_clip_text_encoder(tokenizer, size.text_width, size.text_layers, big=False, with_projection=False)
+    seed_component(seed, "unet")
     unet = UNet2DConditionModel(
         sample_size=size.sample_size,
         in_channels=4,
@@ -82,8 +82,8 @@ def build_twin(size: TwinSize, seed: int, scratch: Path):
         attention_head_dim=tuple(c // CHANNELS_PER_HEAD for c in size.unet_channels),
         cross_attention_dim=size.text_width,
     )
-    _seed(seed, "vae")
-    vae = _vae(size, latent_channels=4, scaling_factor=0.18215)  # SD1.x VAE scaling
+    seed_component(seed, "vae")
+    vae = build_vae(size, latent_channels=4, scaling_factor=0.18215)  # SD1.x VAE scaling
     # runwayml/stable-diffusion-v1-5 scheduler: scaled_linear 0.00085-0.012 over 1000 steps,
     # PRK warm-up skipped, final alpha not forced to 1, timesteps offset by one.
     scheduler = PNDMScheduler(

@@ -6,8 +6,6 @@ convert_ldm_vae_checkpoint, convert_ldm_clip_checkpoint) for SD1.x, written name
 
 from pathlib import Path
 
-
-
 # Diffusers -> original (CompVis/LDM) names.
 UNET_TOP_LEVEL_TO_LDM = {
     "conv_in": "input_blocks.0.0",

@@ -149,7 +149,12 @@ def tiled_forward(model, original, settings, stats, hidden_states, *args, **kwar
     per tile; above the embedding's limit each tile takes the centred crop an image of its size would get."""
     import torch
 
-    from synth.tiled_denoiser import count_tiles, refuse_residuals, repeat_batch
+    from synth.tiled_denoiser import (
+        count_tiles,
+        refuse_residuals,
+        repeat_batch,
+        transformer_output,
+    )
     from synth.tiling import tile_layout, tiled_apply
 
     refuse_residuals(kwargs)
@@ -186,12 +191,7 @@ def tiled_forward(model, original, settings, stats, hidden_states, *args, **kwar
         finally:
             del patch_embed.cropped_pos_embed
 
-    out = tiled_apply(run, hidden_states, tiles, settings.tile_overlap, settings.tile_batch_size)
-    if not return_dict:
-        return (out,)
-    from diffusers.models.modeling_outputs import Transformer2DModelOutput
-
-    return Transformer2DModelOutput(sample=out)
+    return transformer_output(tiled_apply(run, hidden_states, tiles, settings.tile_overlap, settings.tile_batch_size), return_dict)
 
 
 # --- the training objective (synth/train/objectives.py holds the machinery) ---
@@ -239,27 +239,27 @@ def build_twin(size: TwinSize, seed: int, scratch: Path, qk_norm: str | None = N
 
     from synth.twin_parts import (
         CHANNELS_PER_HEAD,
-        _clip_text_encoder,
-        _clip_tokenizer,
-        _seed,
-        _t5_encoder,
-        _t5_tokenizer,
-        _vae,
+        build_clip_text_encoder,
+        build_clip_tokenizer,
+        build_t5_encoder,
+        build_t5_tokenizer,
+        build_vae,
+        seed_component,
     )
 
-    tokenizer = _clip_tokenizer(scratch / "tokenizer")
-    tokenizer_2 = _clip_tokenizer(scratch / "tokenizer_2", pad_token="!")
-    tokenizer_3 = _t5_tokenizer(scratch / "tokenizer_3", model_max_length=512)  # T5's context
+    tokenizer = build_clip_tokenizer(scratch / "tokenizer")
+    tokenizer_2 = build_clip_tokenizer(scratch / "tokenizer_2", pad_token="!")
+    tokenizer_3 = build_t5_tokenizer(scratch / "tokenizer_3", model_max_length=512)  # T5's context
     clip_l_width, clip_g_width = size.text_width, size.wide_text_width
     # The pipeline zero-pads CLIP-L ++ CLIP-G features up to T5's width, so T5 must be at least as wide.
     t5_width = 2 * (clip_l_width + clip_g_width)
-    _seed(seed, "text_encoder")
-    text_encoder = _clip_text_encoder(tokenizer, clip_l_width, size.text_layers, big=False, with_projection=True)
-    _seed(seed, "text_encoder_2")
-    text_encoder_2 = _clip_text_encoder(tokenizer_2, clip_g_width, size.text_layers, big=True, with_projection=True)
-    _seed(seed, "text_encoder_3")
-    text_encoder_3 = _t5_encoder(tokenizer_3, t5_width, size.text_layers)
-    _seed(seed, "transformer")
+    seed_component(seed, "text_encoder")
+    text_encoder = build_clip_text_encoder(tokenizer, clip_l_width, size.text_layers, big=False, with_projection=True)
+    seed_component(seed, "text_encoder_2")
+    text_encoder_2 = build_clip_text_encoder(tokenizer_2, clip_g_width, size.text_layers, big=True, with_projection=True)
+    seed_component(seed, "text_encoder_3")
+    text_encoder_3 = build_t5_encoder(tokenizer_3, t5_width, size.text_layers)
+    seed_component(seed, "transformer")
     transformer = SD3Transformer2DModel(
         sample_size=size.sample_size,
         patch_size=2,
@@ -275,9 +275,9 @@ def build_twin(size: TwinSize, seed: int, scratch: Path, qk_norm: str | None = N
         qk_norm=qk_norm,
         dual_attention_layers=tuple(dual_attention_layers),
     )
-    _seed(seed, "vae")
+    seed_component(seed, "vae")
     # SD3's VAE: 16 latent channels, its published shift and scale, no quant convs.
-    vae = _vae(
+    vae = build_vae(
         size,
         latent_channels=16,
         scaling_factor=1.5305,

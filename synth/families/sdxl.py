@@ -90,27 +90,27 @@ def build_twin(size: TwinSize, seed: int, scratch: Path):
     from diffusers import EulerDiscreteScheduler, StableDiffusionXLPipeline
 
     from synth.twin_parts import (
-        _clip_text_encoder,
-        _clip_tokenizer,
-        _sdxl_unet,
-        _seed,
-        _vae,
+        build_clip_text_encoder,
+        build_clip_tokenizer,
+        build_sdxl_unet,
+        build_vae,
+        seed_component,
     )
 
-    tokenizer = _clip_tokenizer(scratch / "tokenizer")
-    tokenizer_2 = _clip_tokenizer(scratch / "tokenizer_2", pad_token="!")
-    _seed(seed, "text_encoder")
-    text_encoder = _clip_text_encoder(tokenizer, size.text_width, size.text_layers, big=False, with_projection=False)
-    _seed(seed, "text_encoder_2")
-    text_encoder_2 = _clip_text_encoder(
+    tokenizer = build_clip_tokenizer(scratch / "tokenizer")
+    tokenizer_2 = build_clip_tokenizer(scratch / "tokenizer_2", pad_token="!")
+    seed_component(seed, "text_encoder")
+    text_encoder = build_clip_text_encoder(tokenizer, size.text_width, size.text_layers, big=False, with_projection=False)
+    seed_component(seed, "text_encoder_2")
+    text_encoder_2 = build_clip_text_encoder(
         tokenizer_2, size.wide_text_width, size.text_layers, big=True, with_projection=True
     )
-    _seed(seed, "unet")
-    unet = _sdxl_unet(
+    seed_component(seed, "unet")
+    unet = build_sdxl_unet(
         size, cross_attention_dim=size.text_width + size.wide_text_width, pooled_dim=size.wide_text_width
     )
-    _seed(seed, "vae")
-    vae = _vae(size, latent_channels=4, scaling_factor=0.13025, force_upcast=True)  # SDXL VAE overflows in fp16
+    seed_component(seed, "vae")
+    vae = build_vae(size, latent_channels=4, scaling_factor=0.13025, force_upcast=True)  # SDXL VAE overflows in fp16
     # stabilityai/stable-diffusion-xl-base-1.0 scheduler: scaled_linear 0.00085-0.012, "leading" spacing, offset 1.
     scheduler = EulerDiscreteScheduler(
         num_train_timesteps=1000,

@@ -56,12 +56,12 @@ def resolve_ckpt_path(ckpt_path, output_dir: str) -> str | None:
 
 def check_train_inputs(cfg: DictConfig):
     """Validate a train config and read the dataset, before any model loads; returns the dataset items."""
-    from synth.train.rows import check_data_config, load_dataset
     from synth.train.objectives import (
         LOSS_WEIGHTING,
         PREDICTION_TYPES,
         TIMESTEP_SAMPLING,
     )
+    from synth.train.rows import check_data_config, load_dataset
 
     family = get_family(cfg.model.family)
     if not isinstance(cfg.seed, int) or isinstance(cfg.seed, bool) or not 0 <= cfg.seed < 2**63:
@@ -225,7 +225,12 @@ def fit(cfg: DictConfig) -> FitResult:
 
 def claim_run_folder(output_dir: Path, ckpt_path: str | None, overwrite: bool):
     """Lock the run folder, drop a killed run's temp files and refuse to replace earlier outputs (rank 0)."""
-    from synth.train.run_folder import check_run_folder, is_rank_zero, lock_run_folder, remove_stale_temp_files
+    from synth.train.run_folder import (
+        check_run_folder,
+        is_rank_zero,
+        lock_run_folder,
+        remove_stale_temp_files,
+    )
 
     if not is_rank_zero():
         return None
