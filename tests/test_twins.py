@@ -144,9 +144,9 @@ def test_ensure_twin_loser_of_a_race_discards_its_copy(tmp_path, monkeypatch):
     target = tmp_path / "twin"
     real_build = twins.build_twin
 
-    def build_after_a_rival(family, out_dir, preset="tiny", seed=0):
-        real_build(family, target, preset, seed)  # a rival process finishes first
-        return real_build(family, out_dir, preset, seed)
+    def build_after_a_rival(family, out_dir, preset="tiny", seed=0, options=None):
+        real_build(family, target, preset, seed, options)  # a rival process finishes first
+        return real_build(family, out_dir, preset, seed, options)
 
     monkeypatch.setattr(twins, "build_twin", build_after_a_rival)
 
