@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import re
 import struct
 from pathlib import Path
 
@@ -219,6 +220,10 @@ def save_lora(path, state_dict: dict, prefix: str, adapter_config: dict, synth_m
 # --- loading ---------------------------------------------------------------------------------------
 
 
+# diffusers' older LoRA format (unet.<...>.processor.to_q_lora.down.weight, text_encoder.<...>.lora_linear_layer.up...)
+OLD_DIFFUSERS_KEY = re.compile(r"^(unet|text_encoder|text_encoder_2)\..*(_lora|\.lora_linear_layer|\.lora)\.(down|up)\.weight$")
+
+
 def guess_family(keys, family) -> tuple[str, list[str]] | None:
     """The other family whose typical LoRA key fragments (Family.lora_markers) the keys hold most of, and those
     fragments; None when no family's are there."""
@@ -242,6 +247,8 @@ def check_lora_fits(path: str, pipe, family) -> dict:
     header = read_header(path)
     shapes = {key: entry["shape"] for key, entry in header.items() if key != "__metadata__"}
     groups, unknown = group_keys(shapes)
+    if unknown and not family.peft_loaded and all(OLD_DIFFUSERS_KEY.search(key) for key in shapes):
+        return {"route": "diffusers", "modules": []}  # diffusers' own attention-processor format: its loader reads it
     if unknown or not groups:
         example = unknown[0] if unknown else "(no tensors)"
         raise ValueError(
