@@ -107,11 +107,12 @@ def resolve(module_key: str, family, pipe, indexes: dict):
     underscored = prefix.endswith("_")
     targets = []
     for name, chunk, chunks in family.lora_module_targets(component, rest, underscored, model):
-        layer = by_underscores.get(name) if underscored else name if name in shapes else None
-        if layer is None and name.startswith("text_model"):
-            # transformers 5 flattened CLIPTextModel: files name text_model.encoder..., the model encoder...
-            short = name[len("text_model") + 1:]
-            layer = by_underscores.get(short) if underscored else short if short in shapes else None
+        # transformers 5 flattened CLIPTextModel (encoder...) but not CLIPTextModelWithProjection
+        # (text_model.encoder...): files name either, so both spellings are tried
+        separator = "_" if underscored else "."
+        spellings = [name, name.removeprefix(f"text_model{separator}"), f"text_model{separator}{name}"]
+        layer = next((by_underscores[n] if underscored else n for n in spellings
+                      if n in (by_underscores if underscored else shapes)), None)
         if layer is None:
             return None
         targets.append((component, layer, chunk, chunks))

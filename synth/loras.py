@@ -220,8 +220,9 @@ def save_lora(path, state_dict: dict, prefix: str, adapter_config: dict, synth_m
 # --- loading ---------------------------------------------------------------------------------------
 
 
-# diffusers' older LoRA format (unet.<...>.processor.to_q_lora.down.weight, text_encoder.<...>.lora_linear_layer.up...)
-OLD_DIFFUSERS_KEY = re.compile(r"^(unet|text_encoder|text_encoder_2)\..*(_lora|\.lora_linear_layer|\.lora)\.(down|up)\.weight$")
+# diffusers' older UNet LoRA format (unet.<...>.processor.to_q_lora.down.weight); its text-encoder half is not
+# taken (diffusers 0.42 drops text-encoder LoRAs under transformers 5, and synth has no merge for these names)
+OLD_DIFFUSERS_KEY = re.compile(r"^unet\..*(_lora|\.lora_linear_layer|\.lora)\.(down|up)\.weight$")
 
 
 def guess_family(keys, family) -> tuple[str, list[str]] | None:
@@ -300,16 +301,16 @@ def check_lora_fits(path: str, pipe, family) -> dict:
     # 4. The route: diffusers' (or peft's) loader where it reads the file as it is, else synth's merge
     params_used = set().union(*(set(params) for params in groups.values()))
     dotted = all(key.split(".")[0] == targets[0][0] for key, _, targets in modules)
-    if params_used <= {"lora_A.weight", "lora_B.weight", "lora_magnitude_vector"} and dotted:
+    only_denoiser = {targets[0][0] for _, _, targets in modules} == {family.denoiser}
+    # Denoiser layers only: diffusers 0.42 injects no text-encoder LoRA into transformers 5's CLIP (it warns and
+    # drops them, in diffusers' and kohya's names alike), so files with text-encoder layers are merged by synth.
+    if params_used <= {"lora_A.weight", "lora_B.weight", "lora_magnitude_vector"} and dotted and only_denoiser:
         if family.peft_loaded:
-            only_denoiser = {t[0][0] for _, _, t in modules} == {family.denoiser}
-            route = "peft" if only_denoiser and "lora_magnitude_vector" not in params_used else "merge"
+            route = "peft" if "lora_magnitude_vector" not in params_used else "merge"
         else:
             route = "diffusers"
     elif (family.kohya_in_diffusers and params_used <= {"lora_down.weight", "lora_up.weight", "alpha"}
           and all(key.startswith(KOHYA_UNET_PREFIX) for key in groups)):
-        # UNet layers only: diffusers 0.42's converter names CLIP attention layers to_q_lora..., which the
-        # transformers 5 CLIPTextModel does not take (the text-encoder half would be dropped with a warning)
         route = "diffusers"
     else:
         route = "merge"
