@@ -4,7 +4,10 @@ A synth LoRA is one .safetensors file in diffusers' format: keys ``<prefix>.<mod
 ``lora_B.weight`` with prefix ``unet`` or ``transformer``, diffusers' ``lora_adapter_metadata`` (the peft
 LoraConfig, so alpha != rank loads at the right scale), and synth's own ``synth_lora`` metadata (family, base
 model, rank, alpha, the resolved training config). Loading uses diffusers' ``load_lora_weights`` where diffusers
-has a loader, and peft directly for Hunyuan-DiT (diffusers has no Hunyuan-DiT LoRA loader).
+has a loader that reads the file, and peft directly for Hunyuan-DiT (diffusers has no Hunyuan-DiT LoRA loader);
+files made elsewhere that neither reads (kohya, LyCORIS LoHa/LoKr, DoRA, text-encoder layers, SD3's and
+Hunyuan-DiT's own names) are merged by their format's formula (synth.lora_formats). check_lora_fits decides which,
+from the file's header.
 
 The checks here read only the safetensors header, so importing this module does not import torch.
 """
