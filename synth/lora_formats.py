@@ -160,14 +160,19 @@ def _tucker(core, w_b, w_a):
     return torch.einsum("ijhw,jr,ip->prhw", core, w_b, w_a)
 
 
-def _scale(tensors, params, rank) -> float:
-    """alpha / rank, or 1 when the file stores no alpha (kohya's and LyCORIS's rule)."""
-    if "alpha" not in params or not rank:
+def _scale(tensors, params, rank, default_alpha=None) -> float:
+    """alpha / rank, or 1 when the file stores no alpha (kohya's and LyCORIS's rule); default_alpha stands in for
+    a missing per-module alpha (the peft config a diffusers file stores in its metadata)."""
+    if "alpha" in params:
+        alpha = float(tensors[params["alpha"]].float().reshape(-1)[0])
+    elif default_alpha is not None:
+        alpha = float(default_alpha)
+    else:
         return 1.0
-    return float(tensors[params["alpha"]].float().reshape(-1)[0]) / rank
+    return alpha / rank if rank else 1.0
 
 
-def compute_delta(tensors: dict, params: dict, weight_shape):
+def compute_delta(tensors: dict, params: dict, weight_shape, default_alpha=None):
     """The weight change of one module, in float32 and the layer weight's shape, by its format's definition:
     LoRA up @ down * alpha/rank (rank = lora_down's rows); LoHa (w1a @ w1b) * (w2a @ w2b) * alpha/rank;
     LoKr kron(w1, w2) * alpha/rank when w1 or w2 is factored (rank = its inner size), else kron(w1, w2)."""
@@ -181,7 +186,7 @@ def compute_delta(tensors: dict, params: dict, weight_shape):
             delta = _tucker(get("lora_mid.weight"), down.flatten(1), up.flatten(1).T)
         else:
             delta = up.flatten(1) @ down.flatten(1)
-        return delta.reshape(weight_shape) * _scale(tensors, params, rank)
+        return delta.reshape(weight_shape) * _scale(tensors, params, rank, default_alpha)
     if kind == "loha":
         rank = get("hada_w1_b").shape[0]
         if "hada_t1" in params:
@@ -189,7 +194,7 @@ def compute_delta(tensors: dict, params: dict, weight_shape):
             w2 = _tucker(get("hada_t2"), get("hada_w2_b"), get("hada_w2_a"))
         else:
             w1, w2 = get("hada_w1_a") @ get("hada_w1_b"), get("hada_w2_a") @ get("hada_w2_b")
-        return (w1 * w2).reshape(weight_shape) * _scale(tensors, params, rank)
+        return (w1 * w2).reshape(weight_shape) * _scale(tensors, params, rank, default_alpha)
     import torch
 
     rank = None
@@ -206,7 +211,7 @@ def compute_delta(tensors: dict, params: dict, weight_shape):
     if len(weight_shape) == 4:  # a conv: w2 carries the kernel, w1 only mixes channel blocks
         w2 = w2.reshape(w2.shape[0], -1, *weight_shape[2:])
         w1 = w1.reshape(*w1.shape[:2], 1, 1)
-    return torch.kron(w1, w2).reshape(weight_shape) * _scale(tensors, params, rank)
+    return torch.kron(w1, w2).reshape(weight_shape) * _scale(tensors, params, rank, default_alpha)
 
 
 def merged_weight(weight, delta, dora_scale, scale: float):

@@ -243,7 +243,7 @@ def guess_family(keys, family) -> tuple[str, list[str]] | None:
 
 def check_lora_fits(path: str, pipe, family) -> dict:
     """Refuse a LoRA whose keys or shapes do not fit the pipeline, from the file's header alone, and plan how it
-    loads: {"route": "diffusers" | "peft" | "merge", "modules": [(parameters, targets), ...]}. Keys pick nothing
+    loads: {"route": "diffusers" | "peft" | "merge", "modules": [(parameters, targets, stored alpha), ...]}. Keys pick nothing
     but names in tables of the model's own layers (synth.lora_formats)."""
     from synth.lora_formats import KOHYA_UNET_PREFIX, delta_shape, group_keys, kind_of, resolve
 
@@ -317,7 +317,36 @@ def check_lora_fits(path: str, pipe, family) -> dict:
         route = "diffusers"
     else:
         route = "merge"
-    return {"route": route, "modules": [(params, targets) for _, params, targets in modules]}
+    stored = stored_alphas(header)
+    return {"route": route, "modules": [(params, targets, stored_alpha(stored, key)) for key, params, targets in modules]}
+
+
+def stored_alphas(header) -> dict:
+    """component -> the peft LoraConfig fields a diffusers-format file stores in its metadata ({} if none)."""
+    raw = (header.get("__metadata__") or {}).get(DIFFUSERS_METADATA_KEY)
+    try:
+        stored = json.loads(raw) if raw else {}
+    except json.JSONDecodeError:
+        return {}
+    configs = {}
+    for key, value in (stored.items() if isinstance(stored, dict) else ()):
+        component, _, field = key.partition(".")
+        configs.setdefault(component, {})[field] = value
+    return configs
+
+
+def stored_alpha(configs: dict, module_key: str) -> float | None:
+    """The lora_alpha the stored peft config gives a module (its alpha_pattern entry, else lora_alpha), as peft
+    applies it when diffusers loads the file; None for files without one."""
+    component, _, module = module_key.partition(".")
+    config = configs.get(component)
+    if not config:
+        return None
+    for pattern, alpha in (config.get("alpha_pattern") or {}).items():
+        if isinstance(pattern, str) and (module == pattern or module.endswith("." + pattern)):
+            return alpha if isinstance(alpha, (int, float)) else None
+    alpha = config.get("lora_alpha")
+    return alpha if isinstance(alpha, (int, float)) and not isinstance(alpha, bool) else None
 
 
 def _peft_config(path: str, prefix: str, state_dict: dict):
@@ -359,13 +388,13 @@ def merge_lora(pipe, path: str, scale: float, modules) -> None:
 
     tensors = load_file(path)
     with torch.no_grad():
-        for params, targets in modules:
+        for params, targets, default_alpha in modules:
             layers = []
             for component, name, _, _ in targets:
                 layer = getattr(pipe, component).get_submodule(name)
                 layers.append(getattr(layer, "base_layer", layer))  # under a peft adapter: the weights it wraps
             first = layers[0].weight
-            delta = compute_delta(tensors, params, (first.shape[0] * len(layers), *first.shape[1:]))
+            delta = compute_delta(tensors, params, (first.shape[0] * len(layers), *first.shape[1:]), default_alpha)
             magnitude_key = params.get("dora_scale") or params.get("lora_magnitude_vector")
             magnitude = tensors[magnitude_key] if magnitude_key else None
             for (_, _, chunk, chunks), layer, part in zip(targets, layers, delta.chunk(len(layers))):

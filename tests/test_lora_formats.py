@@ -3,6 +3,8 @@ SD3's kohya and ComfyUI forms and the official Hunyuan-DiT form, each written he
 layout with random tensors for the tiny twins, and checked against diffusers' own loader or the base weights
 merged by the format's formula."""
 
+import json
+
 import numpy as np
 import pytest
 import torch
@@ -480,18 +482,19 @@ def test_sd35_medium_kohya_attn2(tmp_path):
 
 def test_diffusers_form_text_encoder_layers_are_merged(base, tmp_path):
     """diffusers 0.42 drops text-encoder LoRA layers into transformers 5's CLIP; synth merges them (both the
-    text_model.encoder... names of older files and encoder...)."""
+    text_model.encoder... names of older files and encoder...), at the alpha of the peft config in the metadata."""
     ref = base("sdxl")
     tensors, expected, generator = {}, {}, torch.Generator().manual_seed(15)
-    for component, file_name in (("text_encoder", "text_model.encoder.layers.1.self_attn.v_proj"),
-                                 ("text_encoder_2", "encoder.layers.1.mlp.fc2")):
+    for component, file_name, alpha in (("text_encoder", "text_model.encoder.layers.1.self_attn.v_proj", 6),
+                                        ("text_encoder_2", "encoder.layers.1.mlp.fc2", 2)):
         layer = clip_layer(ref, component, file_name.removeprefix("text_model."))
         weight = weight_of(ref, component, layer)
         a, b = torch.randn(2, weight.shape[1], generator=generator), torch.randn(weight.shape[0], 2, generator=generator)
         tensors.update({f"{component}.{file_name}.lora_A.weight": a, f"{component}.{file_name}.lora_B.weight": b})
-        expected[(component, layer)] = weight + 0.5 * b @ a
+        expected[(component, layer)] = weight + 0.5 * (alpha / 2) * b @ a
     path = tmp_path / "te.safetensors"
-    save_file(tensors, path)
+    config = {"text_encoder.r": 2, "text_encoder.lora_alpha": 6, "text_encoder_2.r": 2, "text_encoder_2.lora_alpha": 2}
+    save_file(tensors, path, metadata={"lora_adapter_metadata": json.dumps(config)})
     pipe = fresh("sdxl")
     assert check_lora_fits(str(path), pipe, get_family("sdxl"))["route"] == "merge"
     load_loras(pipe, get_family("sdxl"), lora_cfg([path], [0.5]))
