@@ -56,7 +56,7 @@ class SDXL(Family):
 
     # LoRA import
     kohya_in_diffusers = True  # diffusers' StableDiffusionXLLoraLoaderMixin converts kohya files, SGM names too
-    lora_markers = ("lora_te1_", "lora_te2_", "text_encoder_2.", "input_blocks_7_1", "label_emb")
+    lora_markers = ("lora_te1_", "lora_te2_", "text_encoder_2.", "input_blocks_", "label_emb")  # SGM names: kohya SDXL
 
     @property
     def lora_prefixes(self):
