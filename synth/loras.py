@@ -4,7 +4,10 @@ A synth LoRA is one .safetensors file in diffusers' format: keys ``<prefix>.<mod
 ``lora_B.weight`` with prefix ``unet`` or ``transformer``, diffusers' ``lora_adapter_metadata`` (the peft
 LoraConfig, so alpha != rank loads at the right scale), and synth's own ``synth_lora`` metadata (family, base
 model, rank, alpha, the resolved training config). Loading uses diffusers' ``load_lora_weights`` where diffusers
-has a loader, and peft directly for Hunyuan-DiT (diffusers has no Hunyuan-DiT LoRA loader).
+has a loader that reads the file, and peft directly for Hunyuan-DiT (diffusers has no Hunyuan-DiT LoRA loader);
+files made elsewhere that neither reads (kohya, LyCORIS LoHa/LoKr, DoRA, text-encoder layers, SD3's and
+Hunyuan-DiT's own names) are merged by their format's formula (synth.lora_formats). check_lora_fits decides which,
+from the file's header.
 
 The checks here read only the safetensors header, so importing this module does not import torch.
 """
@@ -14,6 +17,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import re
 import struct
 from pathlib import Path
 
@@ -219,42 +223,130 @@ def save_lora(path, state_dict: dict, prefix: str, adapter_config: dict, synth_m
 # --- loading ---------------------------------------------------------------------------------------
 
 
-def _module_shapes(model) -> dict:
-    import torch
-
-    shapes = {}
-    for name, module in model.named_modules():
-        if isinstance(module, torch.nn.Linear):
-            # A layer that already carries a LoRA wraps the original as <name>.base_layer.
-            shapes[name.removesuffix(".base_layer")] = (module.in_features, module.out_features)
-    return shapes
+# diffusers' older UNet LoRA format (unet.<...>.processor.to_q_lora.down.weight); its text-encoder half is not
+# taken (diffusers 0.42 drops text-encoder LoRAs under transformers 5, and synth has no merge for these names)
+OLD_DIFFUSERS_KEY = re.compile(r"^unet\..*(_lora|\.lora_linear_layer|\.lora)\.(down|up)\.weight$")
 
 
-def check_lora_fits(path: str, prefix: str, model, family_name: str) -> None:
-    """Refuse a LoRA whose keys or shapes do not match the denoiser: it was made for another model."""
+def guess_family(keys, family) -> tuple[str, list[str]] | None:
+    """The other family whose typical LoRA key fragments (Family.lora_markers) the keys hold most of, and those
+    fragments; None when no family's are there."""
+    from synth.families import FAMILIES
+
+    found = {other.name: [marker for marker in other.lora_markers if any(marker in key for key in keys)]
+             for other in FAMILIES.values()}
+    best = max((name for name in found if name != family.name), key=lambda name: len(found[name]))
+    if not found[best] or len(found[best]) <= len(found[family.name]):
+        return None
+    return best, found[best]
+
+
+def check_lora_fits(path: str, pipe, family) -> dict:
+    """Refuse a LoRA whose keys or shapes do not fit the pipeline, from the file's header alone, and plan how it
+    loads: {"route": "diffusers" | "peft" | "merge", "modules": [(parameters, targets, stored alpha), ...]}. Keys pick nothing
+    but names in tables of the model's own layers (synth.lora_formats)."""
+    from synth.lora_formats import KOHYA_UNET_PREFIX, delta_shape, group_keys, kind_of, resolve
+
+    # 1. Every key is a parameter of a format synth reads
     header = read_header(path)
-    shapes = _module_shapes(model)
-    keys = [key for key in header if key != "__metadata__"]
-    denoiser_keys = [key for key in keys if key.startswith(prefix + ".")]
-    if not denoiser_keys:
-        found = sorted({key.split(".")[0] for key in keys})[:5]
+    shapes = {key: entry["shape"] for key, entry in header.items() if key != "__metadata__"}
+    groups, unknown = group_keys(shapes)
+    if unknown and not family.peft_loaded and all(OLD_DIFFUSERS_KEY.search(key) for key in shapes):
+        return {"route": "diffusers", "modules": []}  # diffusers' own attention-processor format: its loader reads it
+    if unknown or not groups:
+        example = unknown[0] if unknown else "(no tensors)"
         raise ValueError(
-            f"lora.path={path}: holds no '{prefix}.*' weights (found prefixes {', '.join(found)}); "
-            f"it was not made for {family_name}, or is not in diffusers' LoRA format"
+            f"lora.path={path}: {len(unknown)} keys are in no LoRA format synth reads (e.g. {example!r}); it reads "
+            "diffusers/peft (lora_A/lora_B), kohya (lora_down/lora_up/alpha, dora_scale), LyCORIS LoHa (hada_*) "
+            "and LoKr (lokr_*) files"
         )
-    for key in denoiser_keys:
-        module, _, kind = key[len(prefix) + 1 :].rpartition(".lora_")
-        if not kind.startswith(("A.", "B.")):
-            continue
-        shape = header[key]["shape"]
-        if module not in shapes:
-            raise ValueError(f"lora.path={path}: {family_name} has no layer {module!r}; the LoRA is for another model")
-        in_features, out_features = shapes[module]
-        if (kind.startswith("A.") and shape[1] != in_features) or (kind.startswith("B.") and shape[0] != out_features):
+    for module_key, params in groups.items():
+        if kind_of(params) is None:
+            raise ValueError(f"lora.path={path}: layer {module_key!r} has only {', '.join(sorted(params))}; "
+                             "the file is incomplete or in a format synth does not read")
+    # 2. Every module names layers of this pipeline
+    indexes, modules, unresolved = {}, [], []
+    for module_key, params in groups.items():
+        targets = resolve(module_key, family, pipe, indexes)
+        if targets is None:
+            unresolved.append(module_key)
+        else:
+            modules.append((module_key, params, targets))
+    if unresolved:
+        guess = guess_family(list(groups), family)
+        if guess is not None:
+            raise ValueError(f"lora.path={path}: looks made for {guess[0]} (keys {'/'.join(f'{m}*' for m in guess[1])}"
+                             f"), not {family.name}; use it with model={guess[0]}")
+        prefixes = ", ".join(sorted({prefix for prefix, component in family.lora_prefixes if hasattr(pipe, component)}))
+        what = "none of its layers is" if not modules else f"{len(unresolved)} of its {len(groups)} layers are not"
+        raise ValueError(
+            f"lora.path={path}: {what} a layer of this {family.name} model (e.g. {unresolved[0]!r}; {family.name} "
+            f"has no layer of that name, its LoRA keys start with {prefixes}); the LoRA is for another model"
+        )
+    # 3. Every delta has the layer's shape (a fused layer: its targets' rows stacked)
+    for module_key, params, targets in modules:
+        if kind_of(params) == "lora":
+            down = shapes[params.get("lora_down.weight") or params["lora_A.weight"]]
+            up = shapes[params.get("lora_up.weight") or params["lora_B.weight"]]
+            if len(down) < 2 or len(up) < 2 or down[0] != up[1]:
+                raise ValueError(f"lora.path={path}: layer {module_key!r} has down/A shape {down} and up/B shape "
+                                 f"{up}, whose ranks differ; down is (rank, in) and up (out, rank)")
+        rows, columns = delta_shape(params, shapes)
+        layer_shapes = [indexes[component][0][layer] for component, layer, _, _ in targets]
+        want_rows, want_columns = sum(s[0] for s in layer_shapes), math.prod(layer_shapes[0][1:])
+        if (rows, columns) != (want_rows, want_columns) or len({s[0] for s in layer_shapes}) != 1:
+            layer = targets[0][1] if len(targets) == 1 else "+".join(t[1] for t in targets)
             raise ValueError(
-                f"lora.path={path}: layer {module!r} has shape {shape}, which does not fit this {family_name} model "
-                f"({in_features} -> {out_features}); the LoRA is for another model size or family"
+                f"lora.path={path}: layer {module_key!r} makes a {rows} x {columns} change, which does not fit this "
+                f"{family.name} model's {layer!r} ({want_rows} x {want_columns}); the LoRA is for another model "
+                "size or family"
             )
+    # 4. The route: diffusers' (or peft's) loader where it reads the file as it is, else synth's merge
+    params_used = set().union(*(set(params) for params in groups.values()))
+    dotted = all(key.split(".")[0] == targets[0][0] for key, _, targets in modules)
+    only_denoiser = {targets[0][0] for _, _, targets in modules} == {family.denoiser}
+    # Denoiser layers only: diffusers 0.42 injects no text-encoder LoRA into transformers 5's CLIP (it warns and
+    # drops them, in diffusers' and kohya's names alike), so files with text-encoder layers are merged by synth.
+    if params_used <= {"lora_A.weight", "lora_B.weight", "lora_magnitude_vector"} and dotted and only_denoiser:
+        if family.peft_loaded:
+            route = "peft" if "lora_magnitude_vector" not in params_used else "merge"
+        else:
+            route = "diffusers"
+    elif (family.kohya_in_diffusers and params_used <= {"lora_down.weight", "lora_up.weight", "alpha"}
+          and all(key.startswith(KOHYA_UNET_PREFIX) for key in groups)):
+        route = "diffusers"
+    else:
+        route = "merge"
+    stored = stored_alphas(header)
+    return {"route": route, "modules": [(params, targets, stored_alpha(stored, key)) for key, params, targets in modules]}
+
+
+def stored_alphas(header) -> dict:
+    """component -> the peft LoraConfig fields a diffusers-format file stores in its metadata ({} if none)."""
+    raw = (header.get("__metadata__") or {}).get(DIFFUSERS_METADATA_KEY)
+    try:
+        stored = json.loads(raw) if raw else {}
+    except json.JSONDecodeError:
+        return {}
+    configs = {}
+    for key, value in (stored.items() if isinstance(stored, dict) else ()):
+        component, _, field = key.partition(".")
+        configs.setdefault(component, {})[field] = value
+    return configs
+
+
+def stored_alpha(configs: dict, module_key: str) -> float | None:
+    """The lora_alpha the stored peft config gives a module (its alpha_pattern entry, else lora_alpha), as peft
+    applies it when diffusers loads the file; None for files without one."""
+    component, _, module = module_key.partition(".")
+    config = configs.get(component)
+    if not config:
+        return None
+    for pattern, alpha in (config.get("alpha_pattern") or {}).items():
+        if isinstance(pattern, str) and (module == pattern or module.endswith("." + pattern)):
+            return alpha if isinstance(alpha, (int, float)) else None
+    alpha = config.get("lora_alpha")
+    return alpha if isinstance(alpha, (int, float)) and not isinstance(alpha, bool) else None
 
 
 def _peft_config(path: str, prefix: str, state_dict: dict):
@@ -286,27 +378,61 @@ def load_peft_lora(model, path: str, prefix: str, adapter_name: str) -> None:
         raise ValueError(f"lora.path={path}: {len(unexpected)} weights did not load, e.g. {unexpected[0]}")
 
 
+def merge_lora(pipe, path: str, scale: float, modules) -> None:
+    """Merge one LoRA file into the pipeline's weights at scale, each layer's delta by its format's formula
+    (synth.lora_formats), for the files no diffusers or peft loader reads."""
+    import torch
+    from safetensors.torch import load_file
+
+    from synth.lora_formats import compute_delta, merged_weight
+
+    tensors = load_file(path)
+    with torch.no_grad():
+        for params, targets, default_alpha in modules:
+            layers = []
+            for component, name, _, _ in targets:
+                layer = getattr(pipe, component).get_submodule(name)
+                layers.append(getattr(layer, "base_layer", layer))  # under a peft adapter: the weights it wraps
+            first = layers[0].weight
+            delta = compute_delta(tensors, params, (first.shape[0] * len(layers), *first.shape[1:]), default_alpha)
+            magnitude_key = params.get("dora_scale") or params.get("lora_magnitude_vector")
+            magnitude = tensors[magnitude_key] if magnitude_key else None
+            for (_, _, chunk, chunks), layer, part in zip(targets, layers, delta.chunk(len(layers))):
+                dora = magnitude
+                if magnitude is not None and chunks > 1:
+                    dora = magnitude.chunk(chunks)[chunk] if magnitude.shape[0] == delta.shape[0] else magnitude
+                weight = layer.weight
+                new = merged_weight(weight, part.to(weight.device), None if dora is None else dora.to(weight.device),
+                                    scale)
+                weight.copy_(new.to(weight.dtype))
+
+
 def load_loras(pipe, family, lora_cfg) -> None:
-    """Load every LoRA lora_cfg names into the text-to-image pipeline and activate them at their scales."""
+    """Load every LoRA lora_cfg names into the text-to-image pipeline and activate them at their scales: diffusers'
+    and peft's loaders for the files they read, synth's merge for the rest (check_lora_fits plans which)."""
     entries = lora_entries(lora_cfg)
     if not entries:
         return
-    prefix = denoiser_prefix(family)
-    model = getattr(pipe, prefix)
-    names = []
-    for index, (path, scale) in enumerate(entries):
+    model = getattr(pipe, denoiser_prefix(family))
+    plans = [check_lora_fits(str(Path(path).expanduser()), pipe, family) for path, _ in entries]  # all, first
+    names, scales = [], []
+    for index, ((path, scale), plan) in enumerate(zip(entries, plans)):
         path = str(Path(path).expanduser())
-        check_lora_fits(path, prefix, model, family.name)
         name = f"lora{index}"
-        log.info("loading LoRA %s at scale %s", path, scale)
-        if family.peft_loaded:
-            load_peft_lora(model, path, prefix, name)
+        log.info("loading LoRA %s at scale %s (%s)", path, scale, plan["route"])
+        if plan["route"] == "merge":
+            merge_lora(pipe, path, scale, plan["modules"])
+            continue
+        if plan["route"] == "peft":
+            load_peft_lora(model, path, denoiser_prefix(family), name)
         else:
             # Through the text-to-image pipeline: KolorsImg2ImgPipeline.load_lora_weights fails in diffusers 0.42
             # (it looks for text_encoder_2); image-to-image shares these layers through from_pipe.
             pipe.load_lora_weights(path, adapter_name=name)
         names.append(name)
-    scales = [scale for _, scale in entries]
+        scales.append(scale)
+    if not names:
+        return
     if family.peft_loaded:
         from diffusers.utils.peft_utils import set_weights_and_activate_adapters
 

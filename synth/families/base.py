@@ -100,3 +100,22 @@ class Family:
     def untiled_limit(self, pipe) -> int | None:
         """The largest latent side the loaded denoiser can run untiled, from the weights' config; None = no limit."""
         return None
+
+    # LoRA import
+    kohya_in_diffusers: bool = False  # diffusers' load_lora_weights converts this family's plain kohya LoRA files
+    lora_markers: tuple[str, ...] = ()  # key fragments typical of LoRA files made for this family (to name it)
+
+    @property
+    def lora_prefixes(self) -> tuple[tuple[str, str], ...]:
+        """(file key prefix, pipeline component) pairs LoRA files use: diffusers' dotted prefixes, kohya's
+        underscore ones. A prefix ending in "_" means kohya names (the module path with "_" for ".")."""
+        return (
+            (f"{self.denoiser}.", self.denoiser), ("lora_unet_", self.denoiser), (f"lora_{self.denoiser}_", self.denoiser),
+            ("text_encoder.", "text_encoder"), ("lora_te_", "text_encoder"), ("lora_te1_", "text_encoder"),
+        )
+
+    def lora_module_targets(self, component: str, name: str, underscored: bool, model) -> list[tuple[str, int, int]]:
+        """The (layer name, chunk, chunks) a LoRA file's module name patches in the component: the name itself
+        by default; a family rewrites its original checkpoint names, and splits a fused layer (qkv) into its
+        diffusers layers, each taking one chunk of the delta's rows."""
+        return [(name, 0, 1)]

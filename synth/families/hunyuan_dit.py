@@ -3,6 +3,7 @@ mT5 text encoders; its image-to-image pipeline is synth's own (hunyuan_dit_img2i
 
 from __future__ import annotations
 
+import re
 from typing import TYPE_CHECKING
 
 from synth.families.base import Family
@@ -32,6 +33,32 @@ class HunyuanDiT(Family):
 
     # encode_prompt: the base's; the pipeline reads the text (BERT 77 and mT5 256 tokens, fixed by the model)
 
+    # LoRA import
+    lora_markers = ("base_model.model.blocks", "Wqkv", "kv_proj", "default_modulation")
+
+    @property
+    def lora_prefixes(self):
+        # the official HunyuanDiT LoRAs: peft's save of Tencent's own model (ComfyUI reads the same form)
+        return (*super().lora_prefixes, ("base_model.model.", self.denoiser))
+
+    def lora_module_targets(self, component, name, underscored, model):
+        """Tencent's HunyuanDiT names (blocks.N.attn1.Wqkv, attn2.kv_proj, mlp.fc1, ...) as diffusers' layers, the
+        fused Wqkv and kv_proj split into chunks of rows (as scripts/convert_hunyuandit_to_diffusers.py splits
+        the weights)."""
+        match = re.fullmatch(r"blocks\.(\d+)\.(.+)", name) if not underscored else None
+        if match is None or match.group(2) not in HUNYUAN_LAYERS:
+            return [(name, 0, 1)]
+        targets = HUNYUAN_LAYERS[match.group(2)]
+        return [(f"blocks.{match.group(1)}.{target}", chunk, len(targets)) for chunk, target in enumerate(targets)]
+
+
+# LoRA import: Tencent's HunyuanDiT layer names (in a block) -> diffusers' HunyuanDiT2DModel layers
+HUNYUAN_LAYERS = {
+    "attn1.Wqkv": ("attn1.to_q", "attn1.to_k", "attn1.to_v"), "attn1.out_proj": ("attn1.to_out.0",),
+    "attn2.q_proj": ("attn2.to_q",), "attn2.kv_proj": ("attn2.to_k", "attn2.to_v"),
+    "attn2.out_proj": ("attn2.to_out.0",), "mlp.fc1": ("ff.net.0.proj",), "mlp.fc2": ("ff.net.2",),
+    "default_modulation.1": ("norm1.linear",),
+}
 
 def tiled_forward(model, original, settings, stats, hidden_states, timestep, encoder_hidden_states=None, **kwargs):
     """HunyuanDiT2DModel.forward over tiles: each gets its rows of the rotary embedding and its size conditioning;

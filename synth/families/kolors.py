@@ -6,6 +6,7 @@ from typing import TYPE_CHECKING
 
 from synth.families.base import Family
 from synth.families.sdxl import Objective as SDXLObjective
+from synth.families.sdxl import sgm_to_diffusers
 
 if TYPE_CHECKING:
     from pathlib import Path
@@ -33,6 +34,15 @@ class Kolors(Family):
     def check_train(self, cfg) -> None:
         if cfg.vae_dtype == "fp16":
             raise ValueError("vae_dtype=fp16: Kolors' VAE overflows to NaN in fp16; use vae_dtype=fp32 or bf16")
+
+    # LoRA import
+    lora_markers = ("query_key_value", "dense_h_to_4h", "dense_4h_to_h")  # ChatGLM3 text-encoder layers
+
+    def lora_module_targets(self, component, name, underscored, model):
+        """Kolors' UNet is SDXL's: kohya files name its SGM blocks as for SDXL."""
+        if underscored and component == self.denoiser:
+            return [(sgm_to_diffusers(name, model), 0, 1)]
+        return [(name, 0, 1)]
 
 
 # --- the training objective (synth/train/objectives.py holds the machinery) ---

@@ -36,6 +36,10 @@ class SD15(Family):
             call["negative_prompt_embeds"] = encode_clip(tokenizer, encoder, negative, count, None)[0]
         return call
 
+    # LoRA import
+    kohya_in_diffusers = True  # diffusers' StableDiffusionLoraLoaderMixin converts lora_unet_/lora_te_ files
+    lora_markers = ("lora_te_text_model", "text_encoder.text_model")
+
 
 # --- the training objective (synth/train/objectives.py holds the machinery) ---
 

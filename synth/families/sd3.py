@@ -9,6 +9,7 @@ model.skip_layer_guidance.
 
 from __future__ import annotations
 
+import re
 from typing import TYPE_CHECKING
 
 from synth.families.base import FLOW, Family
@@ -134,6 +135,27 @@ class SD3(Family):
     def untiled_limit(self, pipe) -> int | None:
         return pos_embed_limit(pipe.transformer)
 
+    # LoRA import
+    lora_markers = ("joint_blocks_", "context_block", "add_q_proj", "lora_te3_", "text_encoder_3.")
+
+    @property
+    def lora_prefixes(self):
+        return (*super().lora_prefixes, ("text_encoder_2.", "text_encoder_2"), ("lora_te2_", "text_encoder_2"),
+                ("text_encoder_3.", "text_encoder_3"), ("lora_te3_", "text_encoder_3"))
+
+    def lora_module_targets(self, component, name, underscored, model):
+        """kohya's SD3 LoRAs name SAI's MMDiT (joint_blocks_N_x_block_attn_qkv, one fused qkv): the diffusers layers
+        they become, a fused qkv split into three chunks of rows. adaLN modulation layers are not mapped (their
+        chunk order differs between the two models)."""
+        match = re.fullmatch(r"joint_blocks_(\d+)_(x|context)_block_(.+)", name) if underscored else None
+        if match is None:
+            return [(name, 0, 1)]
+        block, stream, layer = match.groups()
+        targets = MMDIT_LAYERS[stream].get(layer)
+        if targets is None:
+            return []
+        return [(f"transformer_blocks_{block}_{target}", chunk, len(targets)) for chunk, target in enumerate(targets)]
+
 
 def pos_embed_limit(model) -> int | None:
     """The largest latent side SD3's positional embedding covers (pos_embed_max_size patches), or None: read from
@@ -143,6 +165,16 @@ def pos_embed_limit(model) -> int | None:
         return None
     return config.pos_embed_max_size * config.patch_size
 
+
+# LoRA import: SAI's MMDiT layer names (kohya's SD3 LoRAs) -> diffusers' SD3Transformer2DModel layers
+MMDIT_LAYERS = {
+    "x": {"attn_qkv": ("attn_to_q", "attn_to_k", "attn_to_v"), "attn_proj": ("attn_to_out_0",),
+          "attn2_qkv": ("attn2_to_q", "attn2_to_k", "attn2_to_v"), "attn2_proj": ("attn2_to_out_0",),
+          "mlp_fc1": ("ff_net_0_proj",), "mlp_fc2": ("ff_net_2",)},
+    "context": {"attn_qkv": ("attn_add_q_proj", "attn_add_k_proj", "attn_add_v_proj"),
+                "attn_proj": ("attn_to_add_out",), "mlp_fc1": ("ff_context_net_0_proj",),
+                "mlp_fc2": ("ff_context_net_2",)},
+}
 
 def tiled_forward(model, original, settings, stats, hidden_states, *args, **kwargs):
     """SD3Transformer2DModel.forward over tiles, each with its window of the sin-cos positional embedding, batched

@@ -3,6 +3,7 @@ a UNet with CLIP-L and CLIP-G text encoders and size conditioning."""
 
 from __future__ import annotations
 
+import re
 from typing import TYPE_CHECKING
 
 from synth.families.base import Family
@@ -53,6 +54,65 @@ class SDXL(Family):
                 f"this file has {', '.join(embedding.vectors)} (an SD1.x embedding?)"
             )
 
+    # LoRA import
+    kohya_in_diffusers = True  # diffusers' StableDiffusionXLLoraLoaderMixin converts kohya files, SGM names too
+    lora_markers = ("lora_te1_", "lora_te2_", "text_encoder_2.", "input_blocks_", "label_emb")  # SGM names: kohya SDXL
+
+    @property
+    def lora_prefixes(self):
+        return (*super().lora_prefixes, ("text_encoder_2.", "text_encoder_2"), ("lora_te2_", "text_encoder_2"))
+
+    def lora_module_targets(self, component, name, underscored, model):
+        """kohya trains SDXL on the SGM UNet: its input_blocks/middle_block/output_blocks names become diffusers'
+        down_blocks/mid_block/up_blocks ones (sgm_to_diffusers)."""
+        if underscored and component == self.denoiser:
+            return [(sgm_to_diffusers(name, model), 0, 1)]
+        return [(name, 0, 1)]
+
+
+# --- LoRA import: kohya's SGM UNet names ---
+
+SGM_RESNET_LAYERS = {"in_layers_2": "conv1", "emb_layers_1": "time_emb_proj", "out_layers_3": "conv2",
+                     "skip_connection": "conv_shortcut"}
+SGM_TOP_LAYERS = {"time_embed_0": "time_embedding_linear_1", "time_embed_2": "time_embedding_linear_2",
+                  "label_emb_0_0": "add_embedding_linear_1", "label_emb_0_2": "add_embedding_linear_2",
+                  "input_blocks_0_0": "conv_in", "out_2": "conv_out"}
+
+
+def sgm_to_diffusers(name: str, unet) -> str:
+    """A kohya layer name of the SGM UNet (input_blocks_4_1_proj_in) as diffusers names it
+    (down_blocks_1_attentions_0_proj_in), from the UNet's layers_per_block; other names are returned as they are.
+    input block i >= 1 is down block (i-1) // (n+1), layer (i-1) % (n+1), the last of which is the downsampler;
+    output block i is up block i // (n+1), layer i % (n+1), with the upsampler after the attention if any."""
+    for sgm, diffusers_name in SGM_TOP_LAYERS.items():
+        if name == sgm:
+            return diffusers_name
+    match = (re.fullmatch(r"(input_blocks|output_blocks)_(\d+)_(\d+)_(.+)", name)
+             or re.fullmatch(r"(middle_block)_(\d+)_()(.+)", name))
+    if match is None:
+        return name
+    blocks, index, inner, rest = match.group(1), int(match.group(2)), int(match.group(3) or 0), match.group(4)
+    per_block = unet.config.layers_per_block
+    if blocks == "middle_block":
+        place = {0: "resnets_0", 1: "attentions_0", 2: "resnets_1"}.get(index)
+        head = f"mid_block_{place}"
+    elif blocks == "input_blocks":
+        block, layer = (index - 1) // (per_block + 1), (index - 1) % (per_block + 1)
+        if layer == per_block:
+            return f"down_blocks_{block}_downsamplers_0_{rest.replace('op', 'conv')}"
+        head = f"down_blocks_{block}_{'resnets' if inner == 0 else 'attentions'}_{layer}"
+    else:
+        block, layer = index // (per_block + 1), index % (per_block + 1)
+        has_attention = hasattr(unet.up_blocks[block], "attentions") if block < len(unet.up_blocks) else False
+        if inner == 0:
+            head = f"up_blocks_{block}_resnets_{layer}"
+        elif inner == 1 and has_attention:
+            head = f"up_blocks_{block}_attentions_{layer}"
+        else:
+            return f"up_blocks_{block}_upsamplers_0_{rest}"
+    if "resnets" in head:
+        rest = SGM_RESNET_LAYERS.get(rest, rest)
+    return f"{head}_{rest}"
 
 # --- the training objective (synth/train/objectives.py holds the machinery) ---
 
