@@ -100,3 +100,8 @@ class Family:
     def untiled_limit(self, pipe) -> int | None:
         """The largest latent side the loaded denoiser can run untiled, from the weights' config; None = no limit."""
         return None
+
+    # LoRA export
+    lora_export_form: str = "kohya"  # synth.lora_export form of lora.<tag>.safetensors, the file ComfyUI / A1111 read
+    ss_base_model_version: str = ""  # kohya sd-scripts' ss_base_model_version (A1111's extra-networks panel)
+    modelspec_architecture: str = ""  # SAI model spec architecture ("<this>/lora" in modelspec.architecture)

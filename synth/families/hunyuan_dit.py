@@ -32,6 +32,11 @@ class HunyuanDiT(Family):
 
     # encode_prompt: the base's; the pipeline reads the text (BERT 77 and mT5 256 tokens, fixed by the model)
 
+    # LoRA export
+    lora_export_form = "hunyuan_official"  # base_model.model.<fused original layers>: ComfyUI's Hunyuan-DiT form
+    ss_base_model_version = "hunyuan_dit"
+    modelspec_architecture = "hunyuan-dit"
+
 
 def tiled_forward(model, original, settings, stats, hidden_states, timestep, encoder_hidden_states=None, **kwargs):
     """HunyuanDiT2DModel.forward over tiles: each gets its rows of the rotary embedding and its size conditioning;

@@ -34,6 +34,10 @@ class Kolors(Family):
         if cfg.vae_dtype == "fp16":
             raise ValueError("vae_dtype=fp16: Kolors' VAE overflows to NaN in fp16; use vae_dtype=fp32 or bf16")
 
+    # LoRA export
+    ss_base_model_version = "kolors"  # sd-scripts has no Kolors trainer: the family name
+    modelspec_architecture = "kolors"
+
 
 # --- the training objective (synth/train/objectives.py holds the machinery) ---
 

@@ -36,6 +36,10 @@ class SD15(Family):
             call["negative_prompt_embeds"] = encode_clip(tokenizer, encoder, negative, count, None)[0]
         return call
 
+    # LoRA export
+    ss_base_model_version = "sd_v1"
+    modelspec_architecture = "stable-diffusion-v1"
+
 
 # --- the training objective (synth/train/objectives.py holds the machinery) ---
 

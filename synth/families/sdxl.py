@@ -53,6 +53,10 @@ class SDXL(Family):
                 f"this file has {', '.join(embedding.vectors)} (an SD1.x embedding?)"
             )
 
+    # LoRA export
+    ss_base_model_version = "sdxl_base_v1-0"
+    modelspec_architecture = "stable-diffusion-xl-v1-base"
+
 
 # --- the training objective (synth/train/objectives.py holds the machinery) ---
 
