@@ -126,15 +126,12 @@ def to_hunyuan_official(tensors: dict, alphas: dict, prefix: str = "transformer"
     groups = {}  # official module -> {position: (A, B, alpha)}
     for module, pair in _modules(tensors).items():
         path = module.removeprefix(prefix + ".")
-        block, _, layer = path.partition(".")
-        head, _, rest = layer.partition(".")
-        inner = f"{head}.{rest}" if rest else head
-        if block == "blocks" and "." in rest and rest.split(".", 1)[1] in HUNYUAN_FUSED:
-            index, member = rest.split(".", 1)
-            fused, position, count = HUNYUAN_FUSED[member]
-            target = f"blocks.{index}.{fused}"
-        else:
-            target, position, count = inner if block != "blocks" else path, 0, 1
+        match = re.fullmatch(r"(blocks\.\d+)\.(.+)", path)
+        if match and match.group(2) in HUNYUAN_FUSED:
+            fused, position, count = HUNYUAN_FUSED[match.group(2)]
+            target = f"{match.group(1)}.{fused}"
+        else:  # a layer the official model names as diffusers does (lora.target_modules beyond attention)
+            target, position, count = path, 0, 1
         groups.setdefault(target, {"count": count})[position] = (pair["A"], pair["B"], alphas[module])
     result = {}
     for target, members in groups.items():
