@@ -96,7 +96,6 @@ def to_diffusers(tensors: dict, form: str, family) -> tuple[dict, dict]:
 def convert(input_path: str, output_path: str, to: str, family_name: str | None = None, overwrite: bool = False):
     """Convert input_path to the form `to` and write output_path; returns output_path."""
     from synth.lora_export import (
-        FILE_TAGS,
         KOHYA,
         detect_form,
         dumps,
@@ -148,7 +147,7 @@ def convert(input_path: str, output_path: str, to: str, family_name: str | None 
         if target == KOHYA and any(not key.startswith(("unet.", "text_encoder.", "text_encoder_2.")) for key in plain):
             made_for = family.name if family else "a transformer model"
             raise ValueError(f"--to=kohya: this LoRA is for {made_for}, whose tools do not read kohya names; use "
-                             f"--to comfyui ({FILE_TAGS.get(family.lora_export_form if family else '', 'comfyui')})")
+                             "--to comfyui (the form ComfyUI reads for it)")
         out = to_form(target, plain, alphas)
     metadata.setdefault("format", "pt")
     return str(write_safetensors(output_path, out, metadata, overwrite=overwrite))

@@ -236,12 +236,14 @@ def from_hunyuan_official(tensors: dict, prefix: str = "transformer") -> tuple[d
         count, rank = len(members), down.shape[0]
         out_features = up.shape[0] // count
         rows = [up[p * out_features:(p + 1) * out_features] for p in range(count)]
-        used = [p for p in range(count) if rows[p].abs().sum() > 0] or list(range(count))
+        # Members to_hunyuan_official left out have zero rows; the others sit on the diagonal, r columns each.
+        used = [p for p in range(count) if rows[p].abs().sum() > 0]
+        used = used if used and len(used) < count else list(range(count))
         step = rank // len(used) if rank % len(used) == 0 else 0
         diagonal = step and all(
             (rows[p][:, :i * step].abs().sum() + rows[p][:, (i + 1) * step:].abs().sum()) == 0
             for i, p in enumerate(used))
-        for i, p in enumerate(used):
+        for i, p in enumerate(used if diagonal else range(count)):
             module = f"{prefix}.blocks.{match.group(1)}.{members[p]}"
             if diagonal:
                 result[f"{module}.lora_A.weight"] = down[i * step:(i + 1) * step].contiguous()

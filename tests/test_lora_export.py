@@ -38,7 +38,8 @@ class Exported:
         torch.manual_seed(0)
         for param in add_lora(self.denoiser, self.cfg.lora, self.family):
             param.data = torch.randn_like(param) * 0.3  # B starts at zero; random B makes every delta visible
-        self.path = export_lora(folder / "lora.safetensors", self.denoiser, self.cfg, self.family, steps=2)
+        self.path = export_lora(folder / "lora.safetensors", self.denoiser, self.cfg, self.family, steps=2,
+                                tools_file=True)
         self.tools_path = str(sibling_path(self.path, self.family.lora_export_form))
         self.deltas = deltas(self.denoiser, ADAPTER)
 

@@ -63,12 +63,13 @@ def lora_state_dict(denoiser: torch.nn.Module) -> dict:
     return get_peft_model_state_dict(denoiser, adapter_name=ADAPTER)
 
 
-def export_lora(path, denoiser, cfg: DictConfig, family, steps: int | None = None) -> str:
-    """Write the trained LoRA twice: path in diffusers' format (diffusers and synth load it), and beside it the
-    form ComfyUI / A1111 read (Family.lora_export_form; synth.lora_export.sibling_path names it), both with
-    synth's metadata and kohya's ss_* training metadata. Two files, because diffusers refuses the .alpha tensors
-    ComfyUI needs in its own format, and reads kohya files only without diffusers' LoraConfig metadata.
-    Returns path."""
+def export_lora(path, denoiser, cfg: DictConfig, family, steps: int | None = None, tools_file: bool = False) -> str:
+    """Write the trained LoRA: path in diffusers' format (diffusers and synth load it) and, with tools_file (the
+    final LoRA of a run), beside it the form ComfyUI / A1111 read (Family.lora_export_form;
+    synth.lora_export.sibling_path names it), both with synth's metadata and kohya's ss_* training metadata. Two
+    files, because diffusers refuses the .alpha tensors ComfyUI needs in its own format, and reads kohya files only
+    without diffusers' LoraConfig metadata. Step files stay one per step (`python -m synth.lora convert` makes
+    the other form of any of them). Returns path."""
     from synth.lora_export import kohya_metadata, module_alphas, sibling_path, steps_metadata, to_form, write_safetensors
     from synth.loras import DIFFUSERS_METADATA_KEY, SYNTH_METADATA_KEY
 
@@ -99,6 +100,8 @@ def export_lora(path, denoiser, cfg: DictConfig, family, steps: int | None = Non
     # 3. The files: diffusers' form, then the tools' form beside it; its alphas are tensors, so it carries no
     #    LoraConfig (diffusers refuses a kohya file that has both).
     write_safetensors(path, tensors, metadata)
+    if not tools_file:
+        return str(path)
     tools = to_form(family.lora_export_form, tensors, alphas)
     tools_metadata = {k: v for k, v in metadata.items() if k != DIFFUSERS_METADATA_KEY}
     write_safetensors(sibling_path(path, family.lora_export_form), tools, tools_metadata)
