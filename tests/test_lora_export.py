@@ -91,7 +91,6 @@ def test_kohya_file_loads_in_diffusers_at_the_trained_strength(family, exported)
     assert layer.scaling["kohya"] == pytest.approx(SCALE)
 
 
-@pytest.mark.slow  # ~20 s on a shared CPU; the per-layer deltas above already pin the strength
 def test_kohya_file_gives_the_trained_pixels(exported):
     lora = exported["sd15"]
     fresh = lora.fresh()
