@@ -11,6 +11,7 @@ from train_utils import compose_train, make_dataset
 from synth import pipelines
 from synth.families import FAMILIES as REGISTRY
 from synth.families import get_family
+from synth.lora_export import sibling_path
 from synth.loras import load_loras, read_metadata
 from synth.train.run import fit
 
@@ -46,6 +47,7 @@ def test_lora_trains_exports_and_reloads(family, dataset, tmp_path):
     loss = result.trainer.callback_metrics["train/loss"]
     assert math.isfinite(loss.item())
     assert result.lora_path.is_file()
+    assert sibling_path(result.lora_path, get_family(family).lora_export_form).is_file()  # the ComfyUI/A1111 file
 
     # The file says what it is.
     metadata = read_metadata(str(result.lora_path))

@@ -119,3 +119,8 @@ class Family:
         by default; a family rewrites its original checkpoint names, and splits a fused layer (qkv) into its
         diffusers layers, each taking one chunk of the delta's rows."""
         return [(name, 0, 1)]
+
+    # LoRA export
+    lora_export_form: str = "kohya"  # synth.lora_export form of lora.<tag>.safetensors, the file ComfyUI / A1111 read
+    ss_base_model_version: str = ""  # kohya sd-scripts' ss_base_model_version (A1111's extra-networks panel)
+    modelspec_architecture: str = ""  # SAI model spec architecture ("<this>/lora" in modelspec.architecture)

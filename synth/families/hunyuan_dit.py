@@ -51,6 +51,11 @@ class HunyuanDiT(Family):
         targets = HUNYUAN_LAYERS[match.group(2)]
         return [(f"blocks.{match.group(1)}.{target}", chunk, len(targets)) for chunk, target in enumerate(targets)]
 
+    # LoRA export
+    lora_export_form = "hunyuan_official"  # base_model.model.<fused original layers>: ComfyUI's Hunyuan-DiT form
+    ss_base_model_version = "hunyuan_dit"
+    modelspec_architecture = "hunyuan-dit"
+
 
 # LoRA import: Tencent's HunyuanDiT layer names (in a block) -> diffusers' HunyuanDiT2DModel layers
 HUNYUAN_LAYERS = {
@@ -59,6 +64,8 @@ HUNYUAN_LAYERS = {
     "attn2.out_proj": ("attn2.to_out.0",), "mlp.fc1": ("ff.net.0.proj",), "mlp.fc2": ("ff.net.2",),
     "default_modulation.1": ("norm1.linear",),
 }
+
+
 
 def tiled_forward(model, original, settings, stats, hidden_states, timestep, encoder_hidden_states=None, **kwargs):
     """HunyuanDiT2DModel.forward over tiles: each gets its rows of the rotary embedding and its size conditioning;

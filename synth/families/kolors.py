@@ -44,6 +44,10 @@ class Kolors(Family):
             return [(sgm_to_diffusers(name, model), 0, 1)]
         return [(name, 0, 1)]
 
+    # LoRA export
+    ss_base_model_version = "kolors"  # sd-scripts has no Kolors trainer: the family name
+    modelspec_architecture = "kolors"
+
 
 # --- the training objective (synth/train/objectives.py holds the machinery) ---
 

@@ -40,6 +40,10 @@ class SD15(Family):
     kohya_in_diffusers = True  # diffusers' StableDiffusionLoraLoaderMixin converts lora_unet_/lora_te_ files
     lora_markers = ("lora_te_text_model", "text_encoder.text_model")
 
+    # LoRA export
+    ss_base_model_version = "sd_v1"
+    modelspec_architecture = "stable-diffusion-v1"
+
 
 # --- the training objective (synth/train/objectives.py holds the machinery) ---
 

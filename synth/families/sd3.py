@@ -156,6 +156,12 @@ class SD3(Family):
             return []
         return [(f"transformer_blocks_{block}_{target}", chunk, len(targets)) for chunk, target in enumerate(targets)]
 
+    # LoRA export
+    lora_export_form = "diffusers_alpha"  # diffusers keys + per-module alpha: ComfyUI reads them at alpha / rank
+    # (diffusers refuses the .alpha tensors, so they go in lora.comfyui.safetensors beside lora.safetensors)
+    ss_base_model_version = "sd3"
+    modelspec_architecture = "stable-diffusion-v3-medium"
+
 
 def pos_embed_limit(model) -> int | None:
     """The largest latent side SD3's positional embedding covers (pos_embed_max_size patches), or None: read from

@@ -69,6 +69,10 @@ class SDXL(Family):
             return [(sgm_to_diffusers(name, model), 0, 1)]
         return [(name, 0, 1)]
 
+    # LoRA export
+    ss_base_model_version = "sdxl_base_v1-0"
+    modelspec_architecture = "stable-diffusion-xl-v1-base"
+
 
 # --- LoRA import: kohya's SGM UNet names ---
 
@@ -113,6 +117,8 @@ def sgm_to_diffusers(name: str, unet) -> str:
     if "resnets" in head:
         rest = SGM_RESNET_LAYERS.get(rest, rest)
     return f"{head}_{rest}"
+
+
 
 # --- the training objective (synth/train/objectives.py holds the machinery) ---
 

@@ -1,4 +1,5 @@
-"""LoRA adapters for training: the peft config per family, freezing, and export in diffusers' format.
+"""LoRA adapters for training: the peft config per family, freezing, and export (diffusers' format and the
+forms ComfyUI and A1111/Forge read: synth.lora_export).
 
 The adapters go on the denoiser only (UNet or transformer); text encoders and VAE stay frozen. UNet families
 and SD3 get them through diffusers' PEFT mixin (``add_adapter``); Hunyuan-DiT's transformer has no mixin, so
@@ -7,10 +8,13 @@ peft's ``inject_adapter_in_model`` does the same job there.
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from synth.loras import denoiser_prefix, save_lora
+from synth.loras import denoiser_prefix
 
 ADAPTER = "default"
 
@@ -59,10 +63,24 @@ def lora_state_dict(denoiser: torch.nn.Module) -> dict:
     return get_peft_model_state_dict(denoiser, adapter_name=ADAPTER)
 
 
-def export_lora(path, denoiser, cfg: DictConfig, family) -> str:
-    """Write the trained LoRA as a diffusers-format .safetensors file with synth's metadata."""
+def export_lora(path, denoiser, cfg: DictConfig, family, steps: int | None = None, tools_file: bool = False) -> str:
+    """Write the trained LoRA: path in diffusers' format (diffusers and synth load it) and, with tools_file (the
+    final LoRA of a run), beside it the form ComfyUI / A1111 read (Family.lora_export_form;
+    synth.lora_export.sibling_path names it), both with synth's metadata and kohya's ss_* training metadata. Two
+    files, because diffusers refuses the .alpha tensors ComfyUI needs in its own format, and reads kohya files only
+    without diffusers' LoraConfig metadata. Step files stay one per step (`python -m synth.lora convert` makes
+    the other form of any of them). Returns path."""
+    from synth.lora_export import kohya_metadata, module_alphas, sibling_path, steps_metadata, to_form, write_safetensors
+    from synth.loras import DIFFUSERS_METADATA_KEY, SYNTH_METADATA_KEY
+
+    # 1. The adapter's weights under diffusers' names, and each module's alpha (the trained scale x rank).
     config = adapter_config(cfg.lora, family)
-    metadata = {
+    prefix = denoiser_prefix(family)
+    tensors = {f"{prefix}.{key}": tensor.detach().to("cpu") for key, tensor in lora_state_dict(denoiser).items()}
+    alphas = module_alphas(tensors, config, prefix)
+
+    # 2. The metadata every file carries: synth's, diffusers' LoraConfig, kohya's ss_* and the model spec.
+    synth = {
         "family": family.name,
         "base_model": str(cfg.model.path),
         "rank": config["r"],
@@ -70,4 +88,21 @@ def export_lora(path, denoiser, cfg: DictConfig, family) -> str:
         "target_modules": config["target_modules"],
         "config": OmegaConf.to_container(cfg, resolve=True),
     }
-    return str(save_lora(path, lora_state_dict(denoiser), denoiser_prefix(family), config, metadata))
+    metadata = {
+        "format": "pt",
+        # diffusers reads this back into a LoraConfig (rank, alpha, target modules) when loading.
+        DIFFUSERS_METADATA_KEY: json.dumps({f"{prefix}.{k}": v for k, v in config.items()}, sort_keys=True),
+        SYNTH_METADATA_KEY: json.dumps(synth, sort_keys=True, default=str),
+        **kohya_metadata(cfg, family, config["r"], config["lora_alpha"], Path(path).name.split(".")[0]),
+        **(steps_metadata(steps) if steps is not None else {}),
+    }
+
+    # 3. The files: diffusers' form, then the tools' form beside it; its alphas are tensors, so it carries no
+    #    LoraConfig (diffusers refuses a kohya file that has both).
+    write_safetensors(path, tensors, metadata)
+    if not tools_file:
+        return str(path)
+    tools = to_form(family.lora_export_form, tensors, alphas)
+    tools_metadata = {k: v for k, v in metadata.items() if k != DIFFUSERS_METADATA_KEY}
+    write_safetensors(sibling_path(path, family.lora_export_form), tools, tools_metadata)
+    return str(path)

@@ -301,9 +301,9 @@ def _fit(cfg: DictConfig, items, family, output_dir: Path, ckpt_path: str | None
 
             wandb.finish()
 
-    # 5. Export the final LoRA in diffusers' format.
+    # 5. Export the final LoRA: diffusers' format and the form ComfyUI and A1111 read (synth.lora_export).
     path = output_dir / "lora.safetensors"
     if trainer.is_global_zero:
-        export_lora(path, module.denoiser, cfg, family)
+        export_lora(path, module.denoiser, cfg, family, steps=trainer.global_step, tools_file=True)
         print(path, flush=True)
     return FitResult(path, module, trainer)

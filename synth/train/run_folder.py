@@ -18,7 +18,7 @@ log = logging.getLogger(__name__)
 
 LOCK_NAME = ".train.lock"
 # Hidden scratch files that atomic writes rename into place; a killed run may leave them behind.
-TEMP_PATTERNS = (".lora.safetensors.*", "loras/.step-*.safetensors.*", "checkpoints/.*.ckpt.*")
+TEMP_PATTERNS = (".lora.safetensors.*", ".lora.*.safetensors.*", "loras/.step-*.safetensors.*", "checkpoints/.*.ckpt.*")
 
 
 def is_rank_zero() -> bool:
