@@ -67,7 +67,7 @@ def build_flux_pipeline(device, dtype, smoke: bool):
         from synth import twins
         from synth.config import cache_dir
 
-        folder = twins.ensure_twin("flux", Path(cache_dir()) / "twins" / "v1" / "flux-dev-tiny")
+        folder = twins.ensure_twin("flux", Path(cache_dir()) / "twins" / "v1" / "flux-tiny")
         pipe = FluxPipeline.from_pretrained(folder)
     else:
         torch.manual_seed(0)
