@@ -61,6 +61,7 @@ def test_true_cfg_with_a_negative_prompt_changes_the_image(tmp_path, base):
     (["model.max_sequence_length=600"], "flux takes 1..512 tokens"),
     (["scheduler=euler"], "scheduler=euler does not fit flux"),
     (["model=flux_schnell", "model.path=/tmp/flux.safetensors"], "flux has no single-file format"),
+    (["controlnet=tile", "size=128"], "model family flux has none"),
 ])
 def test_refusals(overrides, message):
     with pytest.raises(ValueError, match=message):
