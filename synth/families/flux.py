@@ -157,7 +157,8 @@ class Objective(FlowMatching):
         img_ids = pipe._prepare_latent_image_ids(size, height // PATCH, width // PATCH, noisy.device, noisy.dtype)
         guidance = None
         if denoiser.config.guidance_embeds:
-            guidance = torch.full((size,), float(self.cfg.get("guidance_scale") or 3.5), device=noisy.device,
+            scale = self.cfg.get("guidance_scale")  # conf/train.yaml: model.guidance_scale
+            guidance = torch.full((size,), 3.5 if scale is None else float(scale), device=noisy.device,
                                   dtype=noisy.dtype)
         pred = denoiser(
             hidden_states=packed,
