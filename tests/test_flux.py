@@ -162,3 +162,23 @@ def test_lora_training_with_validation_and_resume_then_inference(tmp_path, one_t
         torch.testing.assert_close(actual[key], expected[key], rtol=0, atol=0, msg=key)
     with_lora = generate(tmp_path / "lora", "model=tiny_flux", f"lora.path={whole.lora_path}")
     assert np.abs(with_lora - base).max() > 2
+
+
+def test_training_objective_feeds_devs_guidance_embedding_and_unpacks():
+    from omegaconf import OmegaConf
+
+    from synth.families.flux import Objective
+
+    _, pipe = pipe_for("tiny_flux")
+    latents = torch.randn(1, 16, 8, 8, generator=torch.Generator().manual_seed(0))
+    losses = []
+    for scale in (1.0, 8.0):
+        cfg = OmegaConf.create({"timestep_sampling": "logit_normal", "logit_mean": 0.0, "logit_std": 1.0,
+                                "mode_scale": 1.29, "loss_weighting": "none", "shift": None,
+                                "max_sequence_length": 32, "guidance_scale": scale})
+        objective = Objective(pipe, cfg)
+        assert objective.shift == 3.0  # [dev]'s scheduler shift, as diffusers' FLUX trainer samples timesteps
+        with torch.no_grad():
+            cond = objective.encode_text([("a red car", "a red car")], "cpu")
+            losses.append(objective.loss(pipe.transformer, latents, cond, {}, torch.Generator().manual_seed(1)))
+    assert losses[0].shape == (1,) and not torch.equal(losses[0], losses[1])
