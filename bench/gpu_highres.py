@@ -1,15 +1,19 @@
-"""GPU timings of the high-resolution chain: an SDXL-shaped model at real size with random weights, fp16 on CUDA.
+"""GPU timings of the high-resolution chain: an SDXL-shaped model (or FLUX.1 [dev]'s, --family flux) at real size
+with random weights, fp16 (FLUX: bf16) on CUDA.
 
     python bench/gpu_highres.py                      # 1024 text-to-image, untiled 2048 (baseline), 2048 and 4096 chains
     python bench/gpu_highres.py --steps 20 --repeats 1 --sizes 2048
     python bench/gpu_highres.py --smoke              # the same code on the tiny SDXL twin on CPU (64 -> 256 px), seconds
     python bench/gpu_highres.py --controlnet --offload   # also the 2048 chain with ControlNet tile, and with offload=model
+    python bench/gpu_highres.py --family flux --steps 28 [--smoke]   # FLUX.1 [dev]'s transformer and VAE (12B, bf16)
 
 Each row: median seconds of `--repeats` runs after one warm-up (CUDA synchronised), and peak allocated memory.
 Goals on one H100: 2048 chain <= 8 s, 4096 chain <= 30 s, peak <= 24 GB. No weights are downloaded: the UNet and
 VAE are built from SDXL-base's configs with random weights, and the prompt is given as random embeddings of
 SDXL's shapes (so no text encoder runs, as after the first image of a run). The VAE runs in fp16 without
-diffusers' fp32 upcast (as with an fp16-fixed SDXL VAE).
+diffusers' fp32 upcast (as with an fp16-fixed SDXL VAE). --family flux builds FLUX.1 [dev]'s transformer and VAE from
+their configs in bf16 (the transformer alone is 24 GB) with T5-sized random prompt embeddings; its tiles run one per
+transformer call (see synth.families.flux.tiled_forward), so the ControlNet and offload rows are SDXL's only.
 """
 
 from __future__ import annotations
@@ -43,6 +47,43 @@ SDXL_VAE = dict(
     scaling_factor=0.13025, sample_size=1024, force_upcast=False,
 )
 
+# black-forest-labs/FLUX.1-dev transformer/config.json, vae/config.json and scheduler/scheduler_config.json
+FLUX_TRANSFORMER = dict(patch_size=1, in_channels=64, num_layers=19, num_single_layers=38, attention_head_dim=128,
+                        num_attention_heads=24, joint_attention_dim=4096, pooled_projection_dim=768,
+                        guidance_embeds=True, axes_dims_rope=(16, 56, 56))
+FLUX_VAE = dict(
+    block_out_channels=(128, 256, 512, 512), in_channels=3, out_channels=3, latent_channels=16, layers_per_block=2,
+    down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
+    scaling_factor=0.3611, shift_factor=0.1159, use_quant_conv=False, use_post_quant_conv=False, sample_size=1024,
+)
+FLUX_SCHEDULER = dict(num_train_timesteps=1000, shift=3.0, use_dynamic_shifting=True, base_shift=0.5, max_shift=1.15,
+                      base_image_seq_len=256, max_image_seq_len=4096)
+
+
+def build_flux_pipeline(device, dtype, smoke: bool):
+    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
+
+    if smoke:
+        from synth import twins
+        from synth.config import cache_dir
+
+        folder = twins.ensure_twin("flux", Path(cache_dir()) / "twins" / "v1" / "flux-tiny")
+        pipe = FluxPipeline.from_pretrained(folder)
+    else:
+        torch.manual_seed(0)
+        default = torch.get_default_dtype()
+        torch.set_default_dtype(dtype)  # 12B parameters: built on the GPU in bf16, not in host memory or fp32
+        try:
+            with torch.device(device):
+                transformer = FluxTransformer2DModel(**FLUX_TRANSFORMER)
+                vae = AutoencoderKL(**FLUX_VAE)
+        finally:
+            torch.set_default_dtype(default)
+        pipe = FluxPipeline(scheduler=FlowMatchEulerDiscreteScheduler(**FLUX_SCHEDULER), vae=vae, text_encoder=None,
+                            tokenizer=None, text_encoder_2=None, tokenizer_2=None, transformer=transformer)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe.to(device, dtype)
+
 
 def build_pipeline(device, dtype, smoke: bool):
     from diffusers import (
@@ -71,6 +112,13 @@ def build_pipeline(device, dtype, smoke: bool):
 
 
 def prompt_call(pipe, device, dtype, steps: int, smoke: bool) -> dict:
+    if getattr(pipe, "transformer", None) is not None:  # FLUX: T5 states and CLIP-L's pooled output
+        if smoke:
+            return {"prompt": "a lighthouse at dusk", "num_inference_steps": steps, "guidance_scale": 3.5}
+        generator = torch.Generator().manual_seed(1)
+        return {"prompt_embeds": torch.randn(1, 512, 4096, generator=generator).to(device, dtype),
+                "pooled_prompt_embeds": torch.randn(1, 768, generator=generator).to(device, dtype),
+                "num_inference_steps": steps, "guidance_scale": 3.5}
     if smoke:
         return {"prompt": "a lighthouse at dusk", "num_inference_steps": steps, "guidance_scale": 5.0}
     generator = torch.Generator().manual_seed(1)
@@ -84,13 +132,14 @@ def prompt_call(pipe, device, dtype, steps: int, smoke: bool) -> dict:
     }
 
 
-def chain_config(native: int, size: int, staged: bool, controlnet_path: str | None = None, offload: str = "none"):
+def chain_config(native: int, size: int, staged: bool, controlnet_path: str | None = None, offload: str = "none",
+                 family: str = "sdxl"):
     highres = OmegaConf.load(ROOT / "conf" / "highres" / ("auto.yaml" if staged else "none.yaml"))
     control = OmegaConf.load(ROOT / "conf" / "controlnet" / ("tile.yaml" if controlnet_path else "none.yaml"))
     if controlnet_path:
         control.path = controlnet_path
     return OmegaConf.create({
-        "model": {"family": "sdxl", "native_size": native}, "highres": highres, "controlnet": control,
+        "model": {"family": family, "native_size": native}, "highres": highres, "controlnet": control,
         "offload": offload, "init_image": None, "denoise_strength": 0.75, "size": size,
     })
 
@@ -129,18 +178,22 @@ def main() -> None:
     parser.add_argument("--smoke", action="store_true", help="tiny SDXL twin on CPU: checks the script, not the goals")
     parser.add_argument("--controlnet", action="store_true", help="also the 2048 chain with controlnet=tile")
     parser.add_argument("--offload", action="store_true", help="also the 2048 chain with offload=model (runs last)")
+    parser.add_argument("--family", choices=("sdxl", "flux"), default="sdxl", help="the model's shape")
     args = parser.parse_args()
+    flux = args.family == "flux"
+    if flux and (args.controlnet or args.offload):
+        parser.error("--controlnet and --offload are rows of the SDXL model only")
 
     from synth import highres
 
     device = torch.device("cpu" if args.smoke else "cuda")
-    dtype = torch.float32 if args.smoke else torch.float16
+    dtype = torch.float32 if args.smoke else torch.bfloat16 if flux else torch.float16
     native = 64 if args.smoke else 1024
-    pipe = build_pipeline(device, dtype, args.smoke)
+    pipe = (build_flux_pipeline if flux else build_pipeline)(device, dtype, args.smoke)
     call = prompt_call(pipe, device, dtype, args.steps, args.smoke)
 
     def run_at(size: int, staged: bool, **options):
-        cfg = chain_config(native, size, staged, **options)
+        cfg = chain_config(native, size, staged, family=args.family, **options)
         call_at = {**call, "width": size, "height": size}
         return lambda: highres.generate(pipe, call_at, cfg, size, size, seed=0)
 
@@ -161,7 +214,7 @@ def main() -> None:
 
         rows.append(("chain, offload=model", int(2048 * scale), offloaded))
     name = torch.cuda.get_device_name() if device.type == "cuda" else "CPU (smoke)"
-    print(f"{name}, {str(dtype).removeprefix('torch.')}, {args.steps} steps, median of {args.repeats} after a warm-up")
+    print(f"{name}, {args.family}, {str(dtype).removeprefix('torch.')}, {args.steps} steps, median of {args.repeats} after a warm-up")
     print(f"{'run':<22} {'size':>6} {'seconds':>8} {'peak GB':>8}")
     for label, size, run in rows:
         try:

@@ -1,13 +1,15 @@
-"""LoRA training at 1024x1024 on real-size SD3 medium, Kolors and Hunyuan-DiT architectures with random weights.
+"""LoRA training at 1024x1024 on real-size SD3 medium, Kolors, Hunyuan-DiT and FLUX.1 [dev] architectures with
+random weights.
 
-    python bench/gpu_train.py [--families sd3,kolors,hunyuan_dit] [--steps 10] [--rank 16] [--no-checkpointing]
+    python bench/gpu_train.py [--families sd3,kolors,hunyuan_dit,flux] [--steps 10] [--rank 16] [--no-checkpointing]
 
 Needs CUDA. Builds each denoiser from its published config (random weights: no download), adds synth's LoRA
 (synth.train.lora.add_lora), enables gradient checkpointing, and runs synth's own objective (synth.train.objectives)
 in bf16 autocast with AdamW on the LoRA weights, on random 1024x1024 latents and random text embeddings of the
 real shapes. Prints it/s and the CUDA allocator's peak for the training step, plus that peak with the frozen
 text encoders and VAE added at their bf16 size, beside the published figures (SD3 without T5 about 10 GB,
-Kolors about 22 GB with an fp16-safe VAE, Hunyuan-DiT 12-24 GB).
+Kolors about 22 GB with an fp16-safe VAE, Hunyuan-DiT 12-24 GB; FLUX's 11.9B-parameter transformer alone is 24 GB
+in bf16).
 """
 
 import argparse
@@ -27,14 +29,22 @@ ENCODER_PARAMS = {
     "sd3": 123e6 + 695e6 + 84e6,  # CLIP-L + CLIP-G + VAE; T5-XXL (4.7B) dropped, as in the 10 GB figure
     "kolors": 6.2e9 + 84e6,  # ChatGLM3-6B + VAE
     "hunyuan_dit": 350e6 + 1.7e9 + 84e6,  # bilingual CLIP + mT5-XL encoder + VAE
+    "flux": 123e6 + 4.7e9 + 84e6,  # CLIP-L + T5-XXL + VAE
 }
-PUBLISHED = {"sd3": "about 10 GB (no T5)", "kolors": "about 22 GB", "hunyuan_dit": "12-24 GB"}
+PUBLISHED = {"sd3": "about 10 GB (no T5)", "kolors": "about 22 GB", "hunyuan_dit": "12-24 GB",
+             "flux": "none (weights alone 24 GB)"}
+# black-forest-labs/FLUX.1-dev transformer/config.json
+FLUX_TRANSFORMER = dict(patch_size=1, in_channels=64, num_layers=19, num_single_layers=38, attention_head_dim=128,
+                        num_attention_heads=24, joint_attention_dim=4096, pooled_projection_dim=768,
+                        guidance_embeds=True, axes_dims_rope=(16, 56, 56))
 
 
 def build(family: str):
     """(denoiser, objective, cond, batch) for one family at its real size."""
     from diffusers import (
         DDPMScheduler,
+        FluxPipeline,
+        FluxTransformer2DModel,
         HunyuanDiT2DModel,
         SD3Transformer2DModel,
         UNet2DConditionModel,
@@ -44,7 +54,8 @@ def build(family: str):
 
     objective_cfg = OmegaConf.create(
         {"timestep_sampling": "logit_normal", "logit_mean": 0.0, "logit_std": 1.0, "mode_scale": 1.29,
-         "loss_weighting": "none", "shift": 3.0, "prediction_type": None, "noise_offset": 0.0, "snr_gamma": None}
+         "loss_weighting": "none", "shift": 3.0, "prediction_type": None, "noise_offset": 0.0, "snr_gamma": None,
+         "guidance_scale": 3.5, "max_sequence_length": 512}
     )
     size = {"original_size": torch.tensor([[1024, 1024]]), "crop_top_left": torch.tensor([[0, 0]]),
             "target_size": torch.tensor([[1024, 1024]])}
@@ -72,6 +83,22 @@ def build(family: str):
                                                        beta_schedule="scaled_linear"))
         cond = {"encoder_hidden_states": torch.randn(1, 256, 4096), "text_embeds": torch.randn(1, 4096)}
         channels = 4
+    elif family == "flux":
+        # 11.9B parameters: initialised on the GPU in bf16, not in host memory or fp32 (48 GB)
+        default = torch.get_default_dtype()
+        torch.set_default_dtype(torch.bfloat16)
+        try:
+            with torch.device("cuda"):
+                denoiser = FluxTransformer2DModel(**FLUX_TRANSFORMER)
+        finally:
+            torch.set_default_dtype(default)
+        # the objective packs latents and makes position ids with FluxPipeline's own static helpers
+        pipe = SimpleNamespace(scheduler=SimpleNamespace(config={"shift": 3.0}), vae_scale_factor=8,
+                               _pack_latents=FluxPipeline._pack_latents, _unpack_latents=FluxPipeline._unpack_latents,
+                               _prepare_latent_image_ids=FluxPipeline._prepare_latent_image_ids)
+        cond = {"encoder_hidden_states": torch.randn(1, 512, 4096), "pooled_projections": torch.randn(1, 768),
+                "txt_ids": torch.zeros(512, 3)}
+        channels = 16
     else:  # Tencent-Hunyuan/HunyuanDiT-v1.2-Diffusers transformer/config.json
         denoiser = HunyuanDiT2DModel(
             num_attention_heads=16, attention_head_dim=88, in_channels=4, patch_size=2,
@@ -121,7 +148,7 @@ def bench(family: str, steps: int, rank: int, checkpointing: bool) -> tuple[floa
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--families", default="sd3,kolors,hunyuan_dit")
+    parser.add_argument("--families", default="sd3,kolors,hunyuan_dit,flux")
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--rank", type=int, default=16)
     parser.add_argument("--no-checkpointing", action="store_true")

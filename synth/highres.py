@@ -230,8 +230,9 @@ class ChainRun:
         size = (stage.width, stage.height)
         with self.tiled(self.text2img, size):
             arguments = {**shared, **self.family.call_kwargs(self.model, "text2img", *size)}
-            return self.text2img(**arguments, generator=self.generator, output_type="latent",
-                                 callback_on_step_end=self.guard(index, size)).images
+            latents = self.text2img(**arguments, generator=self.generator, output_type="latent",
+                                    callback_on_step_end=self.guard(index, size)).images
+        return self.family.pipeline_latents(self.text2img, latents, *size)
 
     def refine(self, stage, index: int, shared: dict, latents, image):
         """A refinement: upscale the last latents (or the init image) to the stage's size and run image-to-image
@@ -267,7 +268,7 @@ class ChainRun:
         with self.tiled(self.img2img, size):
             latents = self.img2img(**arguments, image=source, strength=stage.strength, generator=self.generator,
                                    output_type="latent", callback_on_step_end=self.guard(index, size)).images
-        return latents, image
+        return self.family.pipeline_latents(self.img2img, latents, *size), image
 
     def save_intermediate(self, latents, stage, index: int) -> None:
         from synth.images import save_png

@@ -23,7 +23,7 @@ def files(tmp_path_factory):
 
 
 CASES = [
-    (["model=foo"], "unknown model 'foo'; choose one of: hunyuan_dit, kolors, sd15"),
+    (["model=foo"], "unknown model 'foo'; choose one of: "),  # the list grows with every family
     (["scheduler=fast"], "unknown scheduler 'fast'; choose one of: ddim, default"),
     (["model=tiny_sd3", "scheduler=euler"], "scheduler=euler does not fit sd3"),
     (["model=tiny_sd15", "scheduler=flow_euler"], "scheduler=flow_euler does not fit sd15"),

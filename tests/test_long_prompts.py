@@ -13,7 +13,7 @@ from synth.prompt_encoding import emphasise, prompt_kwargs, token_chunks
 
 WORDS = "a red car parked on a street at night in the rain"  # 11 tokens for the twins' CLIP tokenizers
 LONG = ", ".join([WORDS] * 8)  # about 95 tokens: two chunks
-CLIP_TWINS = family_twins(lambda family: family.textual_inversion_targets)  # the families that encode with CLIP
+CLIP_TWINS = family_twins(lambda family: family.clip_states_chunked)  # the families that encode with CLIP states
 
 
 def pipe_for(model):

@@ -43,6 +43,12 @@ class Family:
     tile_step_reason: str = "the UNet halves the latent 3 times"  # why tile sizes are multiples of tile_step
 
     @property
+    def clip_states_chunked(self) -> bool:
+        """Whether the prompt embeddings carry CLIP's per-token states (77-token chunks for long prompts, A1111
+        weights): the CLIP families' do; FLUX takes only CLIP-L's pooled output and says False."""
+        return bool(self.textual_inversion_targets)
+
+    @property
     def tile_step(self) -> int:
         """Tile sizes are multiples of this many latent pixels: 8 for UNets (three halvings), the patch size for DiTs."""
         return 8 if self.denoiser == "unet" else self.size_step // 8
@@ -96,6 +102,12 @@ class Family:
 
     def check_train(self, cfg) -> None:
         """Family-specific training checks (synth.train.run.check_train_inputs), before anything loads."""
+
+    def pipeline_latents(self, pipe, latents, width: int, height: int):
+        """The (batch, channels, height / 8, width / 8) model-space latents of a pipeline call with
+        output_type="latent" at width x height (the high-res chain upscales and refines these); a family whose
+        pipelines return them in another layout (FLUX's packed tokens) converts them here."""
+        return latents
 
     def untiled_limit(self, pipe) -> int | None:
         """The largest latent side the loaded denoiser can run untiled, from the weights' config; None = no limit."""
