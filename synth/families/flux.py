@@ -93,6 +93,14 @@ class Flux(Family):
         """FluxPipeline's output_type="latent" is packed tokens (batch, tokens, 64): unpacked to (batch, 16, h, w)."""
         return pipe._unpack_latents(latents, height, width, pipe.vae_scale_factor)
 
+    # LoRA import (diffusers/peft files through diffusers' Flux loader; files with CLIP-L layers are merged by synth)
+    lora_markers = ("double_blocks_", "single_blocks_", "single_transformer_blocks")  # BFL names: kohya's FLUX LoRAs
+
+    # LoRA export
+    lora_export_form = "diffusers_alpha"  # diffusers keys + per-module alpha: ComfyUI maps diffusers' Flux keys
+    ss_base_model_version = "flux1"  # what sd-scripts' FLUX branch writes
+    modelspec_architecture = "flux-1-dev"
+
 
 def tiled_forward(model, original, settings, stats, hidden_states, *args, img_ids=None, **kwargs):
     """FluxTransformer2DModel.forward over tiles of the token grid, each tile with the img_ids of its own absolute
