@@ -41,7 +41,7 @@ SIGMA_SCHEDULES = (("use_karras_sigmas", "Karras"), ("use_exponential_sigmas", "
                    ("use_beta_sigmas", "Beta"))
 UPSCALERS = {"lanczos": "Lanczos", "latent": "Latent"}  # synth highres.upscale -> A1111's Hires upscaler
 FIELD_ORDER = (  # A1111's order (processing.create_infotext), synth's own fields last
-    "Steps", "Sampler", "Schedule type", "CFG scale", "Seed", "Size", "Model hash", "Model", "Denoising strength",
+    "Steps", "Sampler", "Schedule type", "CFG scale", "Distilled CFG Scale", "Seed", "Size", "Model hash", "Model", "Denoising strength",
     "Hires upscale", "Hires resize", "Hires steps", "Hires upscaler", "Hires stages", "Lora hashes", "TI hashes",
     "Hashes", "Family", "Version")
 
@@ -168,6 +168,8 @@ def a1111_parameters(cfg, width: int, height: int, steps: int, guidance: float, 
     scheduler: the diffusers scheduler that ran (or its (class name, config)); None reads it from the configs.
     found: the run's Resources (None computes them); plan: the stages that ran (synth.stages; None plans them).
     """
+    from omegaconf import OmegaConf
+
     from synth.families import get_family
     from synth.stages import plan_stages
 
@@ -179,8 +181,10 @@ def a1111_parameters(cfg, width: int, height: int, steps: int, guidance: float, 
                            steps)
     prompt, negative = str(cfg.prompt), str(cfg.negative_prompt or "")
     first = plan[0]
-    fields = {"Steps": steps, "Sampler": sampler, "Schedule type": schedule, "CFG scale": guidance, "Seed": cfg.seed,
+    fields = {"Steps": steps, "Sampler": sampler, "Schedule type": schedule, "Seed": cfg.seed,
               "Size": f"{first.width}x{first.height}", "Model hash": found.model_hash, "Model": found.model_name}
+    for name, key in get_family(cfg.model.family).a1111_guidance_fields.items():
+        fields[name] = guidance if key == "guidance_scale" else OmegaConf.select(cfg, key, default=1.0)
     if cfg.init_image is not None:
         fields["Denoising strength"] = cfg.denoise_strength
     fields.update(hires_fields(cfg, plan, image_to_image=cfg.init_image is not None))

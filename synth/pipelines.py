@@ -46,12 +46,9 @@ def resolve_dtype(name: str, device: torch.device, model_cfg: DictConfig) -> tor
 
 def ensure_weights(model_cfg: DictConfig) -> None:
     """Offline twins are built into model.path on first use; everything else must already be there."""
-    if model_cfg.get("twin"):
-        from synth.twins import ensure_twin
+    from synth.twins import ensure_model_twin
 
-        options = model_cfg.twin.get("options")
-        ensure_twin(model_cfg.twin.family, model_cfg.path, preset=model_cfg.twin.preset,
-                    options=OmegaConf.to_container(options) if options is not None else None)
+    ensure_model_twin(model_cfg)
 
 
 def load_pipeline(model_cfg: DictConfig, device: torch.device, dtype: torch.dtype, offload: str = "none"):

@@ -49,7 +49,7 @@ NUMBER = (re.compile(r"-?\d{1,9}(\.\d{1,16})?"), "a number")
 SIZE = (re.compile(r"(\d{1,6})x(\d{1,6})"), "WIDTHxHEIGHT")
 HASH = (re.compile(r"[0-9a-fA-F]{8,64}"), "a hex hash")
 HIRES = ("Hires upscale", "Hires resize", "Hires steps", "Hires upscaler")
-READ = {"Steps", "Sampler", "Schedule type", "CFG scale", "Seed", "Size", "Denoising strength", *HIRES, "Model hash",
+READ = {"Steps", "Sampler", "Schedule type", "CFG scale", "Distilled CFG Scale", "Seed", "Size", "Denoising strength", *HIRES, "Model hash",
         "Model", "Lora hashes", "TI hashes", "Hashes", "Clip skip", "Family", "Version"}
 OWN_SCHEDULE = (None, "Automatic")  # A1111's "Automatic": the sampler's own sigmas
 OLD_SCHEDULES = ("Karras", "Exponential")  # A1111 before 1.9 appended these to the sampler name
@@ -72,7 +72,10 @@ class Mapping:
         self.first_pass: tuple[int, int] | None = None  # A1111's first-pass Size, when the text has a hires pass
 
     def is_overridden(self, key: str) -> bool:
-        return any(key == given or key.startswith(given + ".") for given in self.overridden)
+        """Whether the command line set key: itself, or a section above it; a group choice (model=tiny_flux)
+        picks a file and leaves its keys to the PNG (model.true_cfg_scale)."""
+        return any(key == given or (key.startswith(given + ".") and not (CONF_DIR / given).is_dir())
+                   for given in self.overridden)
 
     def set(self, key: str, value) -> None:
         if not self.is_overridden(key):
@@ -122,10 +125,10 @@ def scheduler_options(mapping: Mapping) -> list[tuple[str, str, str | None]]:
             model = mapping.cfg.model
             if model.get("twin") and not Path(str(model.path)).expanduser().exists():
                 from synth.twins import (
-                    ensure_twin,  # its scheduler config is part of the twin
+                    ensure_model_twin,  # its scheduler config is part of the twin
                 )
 
-                ensure_twin(model.twin.family, model.path, preset=model.twin.preset)
+                ensure_model_twin(model)
         identity = configured_scheduler(option, mapping.cfg.model)
         if identity is not None:
             options.append((name, *sampler_name(*identity)))
@@ -273,8 +276,15 @@ def map_text(mapping: Mapping) -> None:
     info = mapping.info
     mapping.set("prompt", escape_interpolations(map_loras(mapping, info.prompt)))
     mapping.set("negative_prompt", escape_interpolations(info.negative_prompt))
-    for key, target, rule, convert in (("Steps", "num_inference_steps", INTEGER, int),
-                                       ("CFG scale", "guidance_scale", NUMBER, float), ("Seed", "seed", INTEGER, int)):
+    from synth.families import get_family
+
+    fields = get_family(mapping.cfg.model.family).a1111_guidance_fields
+    guidance = [(name, key, NUMBER, float) for name, key in fields.items()]
+    for name in ("CFG scale", "Distilled CFG Scale"):
+        if name not in fields and mapping.field(name) is not None:
+            mapping.note(f"{name}: {shown(mapping.field(name))} ({mapping.cfg.model.family} has no such guidance)")
+    for key, target, rule, convert in (("Steps", "num_inference_steps", INTEGER, int), *guidance,
+                                       ("Seed", "seed", INTEGER, int)):
         value = mapping.field(key, rule)
         if value is not None:
             mapping.set(target, convert(value))

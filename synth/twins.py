@@ -78,6 +78,19 @@ def ensure_twin(family: str, out_dir: str | Path, preset: str = "tiny", options:
                           lambda scratch: build_twin(family, scratch, preset, options=options))
 
 
+def ensure_model_twin(model_cfg) -> None:
+    """Build the twin a model config names (model.twin: family, preset, options) into model.path, if it has one."""
+    twin = model_cfg.get("twin")
+    if not twin:
+        return
+    options = twin.get("options")
+    if options is not None and hasattr(options, "items"):
+        from omegaconf import OmegaConf
+
+        options = OmegaConf.to_container(options) if OmegaConf.is_config(options) else dict(options)
+    ensure_twin(twin.family, model_cfg.path, preset=twin.preset, options=options)
+
+
 def build_in_place(out_dir: str | Path, marker: str, build) -> Path:
     """out_dir, after build(folder) has filled it, unless out_dir/marker already exists.
 

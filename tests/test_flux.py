@@ -182,3 +182,29 @@ def test_training_objective_feeds_devs_guidance_embedding_and_unpacks():
             cond = objective.encode_text([("a red car", "a red car")], "cpu")
             losses.append(objective.loss(pipe.transformer, latents, cond, {}, torch.Generator().manual_seed(1)))
     assert losses[0].shape == (1,) and not torch.equal(losses[0], losses[1])
+
+
+def test_forge_guidance_fields_are_written_and_read_back(tmp_path, caplog):
+    """Forge writes FLUX's embedded guidance as "Distilled CFG Scale" and its true CFG as "CFG scale"; synth does the
+    same, and replay= of such a text sets guidance_scale and model.true_cfg_scale."""
+    import logging
+
+    from PIL import PngImagePlugin
+
+    from synth.images import PARAMETERS_KEY, read_text
+    from synth.replay import replay_config
+
+    [png] = infer(compose_infer(["model=tiny_flux", "guidance_scale=2.5"], output_dir=tmp_path / "run"))
+    settings = read_text(png)[PARAMETERS_KEY].splitlines()[-1]
+    assert "CFG scale: 1, Distilled CFG Scale: 2.5," in settings
+
+    info = PngImagePlugin.PngInfo()
+    info.add_text(PARAMETERS_KEY, "a cat\nNegative prompt: blurry\nSteps: 2, Sampler: Euler, Schedule type: Simple, "
+                                  "CFG scale: 1.5, Distilled CFG Scale: 3, Seed: 7, Size: 64x64")
+    forge = tmp_path / "forge.png"
+    Image.new("RGB", (64, 64)).save(forge, pnginfo=info)
+    args = ["model=tiny_flux", f"replay={forge}"]
+    with caplog.at_level(logging.INFO, logger="synth.replay_a1111"):
+        cfg = replay_config(compose_infer(args, output_dir=tmp_path / "replay"), args)
+    assert (cfg.guidance_scale, cfg.model.true_cfg_scale, cfg.negative_prompt) == (3.0, 1.5, "blurry")
+    assert "CFG" not in " ".join(r.getMessage() for r in caplog.records)  # both fields mapped

@@ -113,6 +113,9 @@ class Family:
         """The largest latent side the loaded denoiser can run untiled, from the weights' config; None = no limit."""
         return None
 
+    # A1111 / Forge infotext: the field each guidance setting is written to, and the config key it reads back into
+    a1111_guidance_fields: dict[str, str] = {"CFG scale": "guidance_scale"}
+
     # LoRA import
     kohya_in_diffusers: bool = False  # diffusers' load_lora_weights converts this family's plain kohya LoRA files
     lora_markers: tuple[str, ...] = ()  # key fragments typical of LoRA files made for this family (to name it)

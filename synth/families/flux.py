@@ -93,6 +93,9 @@ class Flux(Family):
         """FluxPipeline's output_type="latent" is packed tokens (batch, tokens, 64): unpacked to (batch, 16, h, w)."""
         return pipe._unpack_latents(latents, height, width, pipe.vae_scale_factor)
 
+    # Forge writes FLUX's embedded guidance as "Distilled CFG Scale" and the true CFG as "CFG scale"
+    a1111_guidance_fields = {"CFG scale": "model.true_cfg_scale", "Distilled CFG Scale": "guidance_scale"}
+
     # LoRA import (diffusers/peft files through diffusers' Flux loader; files with CLIP-L layers are merged by synth)
     lora_markers = ("double_blocks_", "single_blocks_", "single_transformer_blocks")  # BFL names: kohya's FLUX LoRAs
 
