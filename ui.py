@@ -14,6 +14,9 @@ TEXT_KEYS = ("prompt", "negative_prompt")  # taken as typed: commas, quotes, any
 def main(cfg: DictConfig) -> None:
     from pathlib import Path
 
+    from synth.ui_requests import check_ui
+
+    run_task(lambda c: check_ui(c.ui), cfg)  # an unsafe host is refused in one line before Gradio loads (seconds)
     from synth.ui import serve
 
     hydra_cfg = HydraConfig.get()

@@ -237,3 +237,25 @@ def build(generator: Generator):
 
         model.input(model_changed, inputs=[model], outputs=[scheduler], api_name=False)
     return demo
+
+
+def start(overrides: list[str], run_dir: Path, port: int) -> tuple:
+    """ui.py's page served from this process on 127.0.0.1:port without Hydra's run machinery (tests, bench);
+    returns (demo, generator, url). demo.close() stops it."""
+    from hydra import compose, initialize_config_dir
+    from omegaconf import open_dict
+
+    from synth.config import CONF_DIR
+
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        cfg = compose(config_name="ui", overrides=list(overrides), return_hydra_config=True)
+    choices = dict(cfg.hydra.runtime.choices)
+    with open_dict(cfg):
+        del cfg["hydra"]
+        cfg.output_dir = str(run_dir)
+    check_ui(cfg.ui)
+    os.environ["GRADIO_TEMP_DIR"] = str(Path(run_dir) / ".gradio")
+    generator = Generator(cfg, list(overrides), Path(run_dir), choices)
+    demo = build(generator)
+    launch(demo, cfg.ui, Path(run_dir), block=False, port=port)
+    return demo, generator, f"http://127.0.0.1:{port}/"

@@ -88,6 +88,7 @@ class Generator:
         self._compose_lock = threading.Lock()
         self._composed: dict[tuple, DictConfig] = {}
         self._newest: dict[str, int] = {}  # session -> its newest live request (newest-request-wins)
+        self.claimed = 0  # live requests seen (tests wait on it)
 
     # --- configs ---------------------------------------------------------------------------------------------
 
@@ -139,6 +140,7 @@ class Generator:
         number = self.next_number()
         with self._number_lock:
             self._newest[session] = number
+            self.claimed += 1
         return number
 
     def is_newest(self, session: str, number: int) -> bool:
