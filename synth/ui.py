@@ -117,7 +117,8 @@ def build(generator: Generator):
                 upload = gr.File(label="Input image (checked, then put on the sketch pad)", type="filepath",
                                  elem_id="upload")
             with gr.Column():
-                output = gr.Image(label="Output", type="filepath", format="png", interactive=False, elem_id="output")
+                output = gr.Image(label="Output", type="filepath", format="png", interactive=False, elem_id="output",
+                          height=360)
                 info = gr.Textbox(label="Parameters", interactive=False, elem_id="info", lines=3)
                 use_as_input = gr.Button("Use as input", elem_id="use-as-input")
         with gr.Accordion("Full mode", open=not live_on):
@@ -141,7 +142,7 @@ def build(generator: Generator):
                 cancel = gr.Button("Cancel", elem_id="cancel")
             restore = gr.File(label="Drop a synth or A1111 PNG: its settings come back", type="filepath",
                               file_types=[".png"], elem_id="restore")
-        gallery = gr.Gallery(label="This tab's images", columns=6, elem_id="gallery")
+        gallery = gr.Gallery(label="This tab's images", columns=8, height=240, elem_id="gallery")
 
         live_inputs = [prompt, negative, seed, steps, strength, sketch]
 
@@ -151,14 +152,14 @@ def build(generator: Generator):
 
         def live_render(prompt, negative, seed, steps, strength, sketch, live, state, request: gr.Request):
             """One live edit: skipped when live is off or a newer edit of this tab is waiting (see below)."""
-            if not live:
-                return gr.skip(), gr.skip(), gr.skip(), gr.skip()
             # Newest request wins. trigger_mode="always_last" collapses a tab's edits in the browser only; API
             # clients (gradio_client) and several triggers in flight reach the server anyway. So each request
             # claims its tab's newest number at once (concurrency_limit=None: nothing queues in front of
             # that), waits for the device, and is dropped if a newer one came meanwhile: no backlog, no stale image.
             session = request.session_hash or "api"
-            number = generator.claim_newest(session)
+            number = generator.claim_newest(session)  # live off: still the newest edit, so older ones drop
+            if not live:
+                return gr.skip(), gr.skip(), gr.skip(), gr.skip()
             with generator.lock:
                 if not generator.is_newest(session, number):
                     return gr.skip(), gr.skip(), gr.skip(), gr.skip()
@@ -198,7 +199,10 @@ def build(generator: Generator):
                 return gr.skip()
             return {"background": path, "layers": [], "composite": path}
 
-        use_as_input.click(use_output, inputs=[output], outputs=[sketch], api_name="use_as_input")
+        # a value set by the server fires no change event of the sketch pad: the render follows explicitly
+        use_as_input.click(use_output, inputs=[output], outputs=[sketch], api_name="use_as_input").then(
+            live_render, inputs=[*live_inputs, live, gallery_state], outputs=[output, info, gallery_state, gallery],
+            concurrency_limit=None, api_name=False, show_progress="minimal")
 
         def load_upload(path):
             """An uploaded input image, read as synth reads any (refuses non-images, corrupt files, bombs)."""
