@@ -47,14 +47,15 @@ def requests(generator):
     return sorted(path.name for path in generator.run_dir.glob("[0-9]*"))
 
 
-def draw_stroke(page, dx=6, dy=4):
+def draw_stroke(page):
+    """A diagonal stroke across the middle of the drawing area, in a few pointer moves (software WebGL is slow)."""
     page.locator("#sketch button[aria-label='Brush']").first.click()
     box = page.locator("#sketch canvas").first.bounding_box()
     x, y = box["x"] + box["width"] / 2 - 60, box["y"] + box["height"] / 2 - 40  # inside the drawing area
     page.mouse.move(x, y)
     page.mouse.down()
-    for step in range(20):
-        page.mouse.move(x + dx * step, y + dy * step, steps=3)
+    for step in range(1, 6):
+        page.mouse.move(x + 24 * step, y + 16 * step)
     page.mouse.up()
 
 
