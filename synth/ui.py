@@ -148,7 +148,11 @@ def build(generator: Generator):
 
         def add_images(paths, state):
             state = state + [(str(path), _caption(path)) for path in paths]
-            return str(paths[-1]), state[-1][1], state, [(path, caption) for path, caption in state]
+            return str(paths[-1]), state[-1][1], state
+
+        def show_gallery(state):
+            # its own event after the image: the whole gallery travels to the page each time, the image first
+            return [(path, caption) for path, caption in state]
 
         def live_render(prompt, negative, seed, steps, strength, sketch, live, state, request: gr.Request):
             """One live edit: skipped when live is off or a newer edit of this tab is waiting (see below)."""
@@ -159,16 +163,16 @@ def build(generator: Generator):
             session = request.session_hash or "api"
             number = generator.claim_newest(session)  # live off: still the newest edit, so older ones drop
             if not live:
-                return gr.skip(), gr.skip(), gr.skip(), gr.skip()
+                return gr.skip(), gr.skip(), gr.skip()
             with generator.lock:
                 if not generator.is_newest(session, number):
-                    return gr.skip(), gr.skip(), gr.skip(), gr.skip()
+                    return gr.skip(), gr.skip(), gr.skip()
                 try:
                     paths = generator.generate(_settings(prompt, negative, seed, steps, strength),
                                                _sketch_image(sketch), number)
                 except USER_ERRORS as error:
                     gr.Warning(str(error))  # while typing a toast, not an error box; the last image stays
-                    return gr.skip(), gr.skip(), gr.skip(), gr.skip()
+                    return gr.skip(), gr.skip(), gr.skip()
             return add_images(paths, state)
 
         def full_render(prompt, negative, seed, steps, strength, sketch, model, scheduler, prompter, size, guidance,
@@ -186,12 +190,14 @@ def build(generator: Generator):
                 raise gr.Error(str(error)) from None
             return add_images(paths, state)
 
+        rendered = [output, info, gallery_state]
         gr.on([c.change for c in live_inputs], live_render, inputs=[*live_inputs, live, gallery_state],
-              outputs=[output, info, gallery_state, gallery], trigger_mode="always_last", concurrency_limit=None,
-              api_name="live", show_progress="minimal")
+              outputs=rendered, trigger_mode="always_last", concurrency_limit=None, api_name="live",
+              show_progress="minimal").success(show_gallery, gallery_state, gallery, api_name="gallery", queue=False)
         full_inputs = [*live_inputs, model, scheduler, prompter, size, guidance, num_images, loras, gallery_state]
-        event = generate.click(full_render, inputs=full_inputs, outputs=[output, info, gallery_state, gallery],
-                               concurrency_limit=None, api_name="generate")
+        event = generate.click(full_render, inputs=full_inputs, outputs=rendered, concurrency_limit=None,
+                               api_name="generate")
+        event.success(show_gallery, gallery_state, gallery, api_name=False, queue=False)
         cancel.click(None, cancels=[event])  # Gradio's cancel: the page stops waiting; the running step finishes
 
         def use_output(path):
@@ -201,8 +207,9 @@ def build(generator: Generator):
 
         # a value set by the server fires no change event of the sketch pad: the render follows explicitly
         use_as_input.click(use_output, inputs=[output], outputs=[sketch], api_name="use_as_input").then(
-            live_render, inputs=[*live_inputs, live, gallery_state], outputs=[output, info, gallery_state, gallery],
-            concurrency_limit=None, api_name=False, show_progress="minimal")
+            live_render, inputs=[*live_inputs, live, gallery_state], outputs=rendered, concurrency_limit=None,
+            api_name=False, show_progress="minimal").success(show_gallery, gallery_state, gallery, api_name=False,
+                                                             queue=False)
 
         def load_upload(path):
             """An uploaded input image, read as synth reads any (refuses non-images, corrupt files, bombs)."""

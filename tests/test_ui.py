@@ -71,7 +71,7 @@ def drawn(tmp_path_factory):
 
 def test_text_to_image(server, client):
     generator, _ = server
-    image, parameters, gallery = live(client, "a red car", seed=3)
+    image, parameters = live(client, "a red car", seed=3)
     path = written(generator, image)
     assert path.parent.parent == generator.run_dir and path.name == "000-seed3.png", "infer.py's names, a folder a request"
     assert Image.open(image).size == (64, 64) and pixels(image).std() > 1
@@ -81,7 +81,8 @@ def test_text_to_image(server, client):
     assert parameters == text[PARAMETERS_KEY]
     cfg = read_config(path)
     assert cfg.prompt == "a red car" and cfg.seed == 3 and cfg.init_image is None and "ui" not in cfg
-    assert len(gallery) == 1
+    [(shown, caption)] = [(item["image"], item["caption"]) for item in client.predict(api_name="/gallery")]
+    assert np.array_equal(pixels(shown), pixels(path)) and caption == parameters, "the tab's gallery"
 
 
 def test_sketch_to_image_and_replay(server, client, drawn, tmp_path):
@@ -125,9 +126,11 @@ def test_rapid_requests_collapse_to_the_latest(server, client):
 def test_tabs_keep_their_own_gallery(server):
     a, b = Client(server[1], verbose=False), Client(server[1], verbose=False)
     live(a, "one")
-    *_, gallery_a = live(a, "two")
-    *_, gallery_b = live(b, "three")
-    assert len(gallery_a) == 2 and len(gallery_b) == 1
+    live(a, "two")
+    live(b, "three")
+    gallery_a, gallery_b = a.predict(api_name="/gallery"), b.predict(api_name="/gallery")
+    assert [item["caption"].split("\n")[0] for item in gallery_a] == ["one", "two"]
+    assert [item["caption"].split("\n")[0] for item in gallery_b] == ["three"]
 
 
 NO_LORAS = {"headers": ["LoRA", "scale"], "data": [], "metadata": None}
@@ -145,7 +148,7 @@ def test_model_switch_reloads_only_on_change(server, client):
     loads = pipelines.load_count
     full(client, "tiny_sdxl_turbo", seed=1)
     assert pipelines.load_count == loads, "same model: the cached pipeline"
-    image, parameters, _ = full(client, "tiny_sd15", guidance=2.0, num_images=2)
+    image, parameters = full(client, "tiny_sd15", guidance=2.0, num_images=2)
     assert pipelines.load_count == loads + 1
     assert "Family: sd15" in parameters and "Seed: 1" in parameters and "CFG scale: 2" in parameters
     full(client, "tiny_sd15", seed=5)
@@ -155,7 +158,7 @@ def test_model_switch_reloads_only_on_change(server, client):
 
 
 def test_full_mode_above_native_runs_the_highres_chain(server, client):
-    image, parameters, _ = full(client, size="128", steps=2)
+    image, parameters = full(client, size="128", steps=2)
     assert Image.open(image).size == (128, 128)
     assert "Hires" in parameters
 
