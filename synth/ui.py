@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import os
+import threading
 from pathlib import Path
 
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")  # before gradio loads: no calls home, works offline
@@ -35,15 +36,21 @@ def serve(cfg: DictConfig, overrides: list[str], run_dir: Path, choices: dict[st
     # that the run folder is the only place the server serves files from.
     os.environ["GRADIO_TEMP_DIR"] = str(run_dir / ".gradio")
 
-    # 2. Build the page and serve it; launch() blocks until Ctrl-C, then closes the server.
+    # 2. Build the page and serve it until Ctrl-C. Gradio's own wait would swallow the KeyboardInterrupt (exit
+    # 0); here it closes the server and goes on to the entry point: "interrupted", exit 130, as infer.py. PNGs
+    # are written atomically (synth.images.save_png), so an interrupted request leaves no half-written file.
     generator = Generator(cfg, overrides, run_dir, choices)
     demo = build(generator)
-    launch(demo, cfg.ui, run_dir, auth=auth)
+    launch(demo, cfg.ui, run_dir, auth=auth, quiet=False)
+    try:
+        threading.Event().wait()
+    finally:
+        demo.close()
 
 
-def launch(demo, ui: DictConfig, run_dir: Path, auth=None, block: bool = True, port: int | None = None):
+def launch(demo, ui: DictConfig, run_dir: Path, auth=None, port: int | None = None, quiet: bool = True):
     """demo.launch with synth's safe settings: local host unless told, no share link, uploads capped, files
-    served only from the run folder."""
+    served only from the run folder. Returns at once; demo.close() stops the server."""
     demo.queue(default_concurrency_limit=1)
     return demo.launch(
         server_name=str(ui.host),
@@ -52,8 +59,8 @@ def launch(demo, ui: DictConfig, run_dir: Path, auth=None, block: bool = True, p
         share=False,
         max_file_size=f"{ui.max_upload_mb}mb",
         allowed_paths=[str(run_dir)],
-        prevent_thread_lock=not block,
-        quiet=not block,
+        prevent_thread_lock=True,
+        quiet=quiet,
         footer_links=[],
         show_error=True,  # a failed request says why in the page (and to gradio_client)
     )
@@ -268,5 +275,5 @@ def start(overrides: list[str], run_dir: Path, port: int) -> tuple:
     os.environ["GRADIO_TEMP_DIR"] = str(Path(run_dir) / ".gradio")
     generator = Generator(cfg, list(overrides), Path(run_dir), choices)
     demo = build(generator)
-    launch(demo, cfg.ui, Path(run_dir), block=False, port=port)
+    launch(demo, cfg.ui, Path(run_dir), port=port)
     return demo, generator, f"http://127.0.0.1:{port}/"

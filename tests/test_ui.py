@@ -241,3 +241,31 @@ def test_other_host_needs_auth(tmp_path):
     assert result.stderr.strip().splitlines() == [
         "error: ui.host=0.0.0.0 serves the page to other machines; give ui.auth=user:password too "
         "(or keep ui.host=127.0.0.1)"]
+
+
+def test_ctrl_c_stops_the_server(tmp_path):
+    import signal
+    import subprocess
+    import sys
+
+    import httpx
+
+    port = free_port()
+    server = subprocess.Popen([sys.executable, str(ROOT / "ui.py"), "model=tiny_sdxl_turbo", f"ui.port={port}"],
+                              cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        for _ in range(600):  # until the page is served (at most ~60 s), then Ctrl-C
+            try:
+                if httpx.get(f"http://127.0.0.1:{port}/", timeout=1).status_code == 200:
+                    break
+            except httpx.TransportError:
+                try:
+                    server.wait(timeout=0.1)  # not up yet: wait a little for it (or for it to exit)
+                except subprocess.TimeoutExpired:
+                    pass
+            assert server.poll() is None, server.stderr.read()
+        server.send_signal(signal.SIGINT)
+        _, stderr = server.communicate(timeout=30)
+    finally:
+        server.kill()
+    assert server.returncode == 130 and stderr.strip().splitlines()[-1] == "interrupted"
