@@ -26,8 +26,13 @@ def free_port() -> int:
 def server(tmp_path_factory, one_thread):
     from synth.ui import start
 
+    from test_lora_infer import make_lora
+
     run_dir = tmp_path_factory.mktemp("ui-run")
-    demo, generator, url = start(["model=tiny_sdxl_turbo", "ui.max_upload_mb=1"], run_dir, free_port())
+    lora_dir = tmp_path_factory.mktemp("loras")
+    make_lora("sdxl", lora_dir / "style.safetensors")
+    demo, generator, url = start(["model=tiny_sdxl_turbo", "ui.max_upload_mb=1", f"ui.lora_dir={lora_dir}"], run_dir,
+                                 free_port())
     yield generator, url
     demo.close()
 
@@ -137,9 +142,19 @@ NO_LORAS = {"headers": ["LoRA", "scale"], "data": [], "metadata": None}
 
 
 def full(client, model="tiny_sdxl_turbo", seed=0, steps=2, size="", guidance=None, num_images=1, prompt="a house",
-         scheduler="default"):
+         scheduler="default", loras=NO_LORAS):
     return client.predict(prompt, "", seed, steps, 0.5, None, model, scheduler, "none", size, guidance, num_images,
-                          NO_LORAS, api_name="/generate")
+                          loras, api_name="/generate")
+
+
+def test_loras_from_the_folder_with_a_scale_each(server, client):
+    table = {"headers": ["LoRA", "scale"], "data": [["style.safetensors", 0.8]], "metadata": None}
+    base, _ = full(client, seed=4)
+    styled, parameters = full(client, seed=4, loras=table)
+    assert "<lora:style:0.8>" in parameters
+    assert np.abs(pixels(styled) - pixels(base)).mean() > 0.5, "the LoRA changes the image"
+    off, _ = full(client, seed=4, loras={**table, "data": [["style.safetensors", 0]]})
+    assert np.array_equal(pixels(off), pixels(base)), "scale 0 = off"
 
 
 def test_model_switch_reloads_only_on_change(server, client):
