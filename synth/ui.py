@@ -188,7 +188,12 @@ def build(generator: Generator):
             chosen = []
             if loras is not None and len(loras):
                 rows = loras.values.tolist() if hasattr(loras, "values") else loras
-                chosen = [(str(lora_dir / name), float(scale)) for name, scale in rows if scale not in (None, "", 0)]
+                chosen = [(name, float(scale)) for name, scale in rows if scale not in (None, "", 0)]
+            unknown = [name for name, _ in chosen if name not in lora_files]
+            if unknown:  # only the folder's files: a name from an API client is not a path to anywhere else
+                raise gr.Error(f"LoRA {unknown[0]!r} is not in ui.lora_dir={lora_dir}; choose one of: "
+                               f"{', '.join(lora_files) or '(none)'}")
+            chosen = [(str(lora_dir / name), scale) for name, scale in chosen]
             try:
                 settings = _settings(prompt, negative, seed, steps, strength, model, scheduler, prompter, size,
                                      guidance, num_images, chosen)

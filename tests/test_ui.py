@@ -155,6 +155,8 @@ def test_loras_from_the_folder_with_a_scale_each(server, client):
     assert np.abs(pixels(styled) - pixels(base)).mean() > 0.5, "the LoRA changes the image"
     off, _ = full(client, seed=4, loras={**table, "data": [["style.safetensors", 0]]})
     assert np.array_equal(pixels(off), pixels(base)), "scale 0 = off"
+    with pytest.raises(Exception, match="is not in ui.lora_dir"):
+        full(client, loras={**table, "data": [["../../elsewhere.safetensors", 1.0]]})
 
 
 def test_model_switch_reloads_only_on_change(server, client):
