@@ -60,7 +60,7 @@ def read_lora(path: str) -> tuple[dict, dict]:
 def file_family(metadata: dict, form: str, given: str | None):
     """The family object: --family, else the synth metadata's, else the one the keys imply (None if unknown)."""
     from synth.families import FAMILIES, get_family
-    from synth.lora_export import HUNYUAN_OFFICIAL
+    from synth.lora_export import OFFICIAL_FUSED
     from synth.loras import SYNTH_METADATA_KEY
 
     if given is not None:
@@ -73,22 +73,25 @@ def file_family(metadata: dict, form: str, given: str | None):
         stored = None
     if stored in FAMILIES:
         return get_family(stored)
-    implied = [name for name in FAMILIES if form == HUNYUAN_OFFICIAL == get_family(name).lora_export_form]
+    implied = [name for name in FAMILIES if form == OFFICIAL_FUSED == get_family(name).lora_export_form]
     return get_family(implied[0]) if implied else None
 
 
 def to_diffusers(tensors: dict, form: str, family) -> tuple[dict, dict]:
     """Any form -> (diffusers-form tensors, module -> alpha)."""
-    from synth.lora_export import HUNYUAN_OFFICIAL, KOHYA, module_alphas
+    from synth.lora_export import KOHYA, OFFICIAL_FUSED, module_alphas
 
     if form == KOHYA:
         from synth.lora_export import from_kohya
 
         return from_kohya(tensors)
-    if form == HUNYUAN_OFFICIAL:
-        from synth.lora_export import from_hunyuan_official
+    if form == OFFICIAL_FUSED:
+        from synth.lora_export import from_official_fused
 
-        return from_hunyuan_official(tensors, family.denoiser if family else "transformer")
+        if family is None:
+            raise ValueError("IN: a LoRA in an original model's fused form (base_model.model.*) that does not say its "
+                             "family; give --family")
+        return from_official_fused(tensors, family.lora_fused_layers, family.denoiser)
     plain = {k: v for k, v in tensors.items() if not k.endswith(".alpha")}
     return plain, module_alphas(tensors, None, "")
 
@@ -148,7 +151,7 @@ def convert(input_path: str, output_path: str, to: str, family_name: str | None 
             made_for = family.name if family else "a transformer model"
             raise ValueError(f"--to=kohya: this LoRA is for {made_for}, whose tools do not read kohya names; use "
                              "--to comfyui (the form ComfyUI reads for it)")
-        out = to_form(target, plain, alphas)
+        out = to_form(target, plain, alphas, family)
     metadata.setdefault("format", "pt")
     return str(write_safetensors(output_path, out, metadata, overwrite=overwrite))
 

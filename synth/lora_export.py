@@ -8,10 +8,10 @@ The forms (the family says which its export uses: Family.lora_export_form):
 - "diffusers_alpha": diffusers' own keys (``transformer.<module>.lora_A.weight``) plus one ``<prefix>.<module>.alpha``
   tensor per module: ComfyUI reads ``<key>.alpha`` for every key form and scales by alpha / rank; without it, it
   applies the LoRA at scale 1 (twice the strength of a rank 4 / alpha 2 LoRA).
-- "hunyuan_official": Tencent's HunyuanDiT LoRA form, ``base_model.model.<original module>.lora_A/B.weight``, on
-  the original model's fused layers (attn1.Wqkv, attn2.q_proj, attn2.kv_proj, out_proj), which ComfyUI's key map
-  reads for Hunyuan-DiT; diffusers' split to_q/to_k/to_v LoRAs are fused exactly (down stacked, up block-diagonal,
-  alpha multiplied so that alpha / rank stays the trained scale), plus per-module ``.alpha``.
+- "official_fused": the original checkpoint's LoRA form, ``base_model.model.<original module>.lora_A/B.weight``, on
+  the original model's fused layers (the family's `lora_fused_layers`: Hunyuan-DiT's attn1.Wqkv, attn2.kv_proj, ...),
+  which ComfyUI's key map reads; diffusers' split to_q/to_k/to_v LoRAs are fused exactly (down stacked, up
+  block-diagonal, alpha multiplied so that alpha / rank stays the trained scale), plus per-module ``.alpha``.
 
 Tensors here are plain dicts of torch tensors; names of the diffusers form carry the prefix (``unet.``).
 """
@@ -21,10 +21,10 @@ from __future__ import annotations
 import json
 import re
 
-KOHYA, DIFFUSERS_ALPHA, HUNYUAN_OFFICIAL = "kohya", "diffusers_alpha", "hunyuan_official"
-FORMS = (KOHYA, DIFFUSERS_ALPHA, HUNYUAN_OFFICIAL)
+KOHYA, DIFFUSERS_ALPHA, OFFICIAL_FUSED = "kohya", "diffusers_alpha", "official_fused"
+FORMS = (KOHYA, DIFFUSERS_ALPHA, OFFICIAL_FUSED)
 # lora.<tag>.safetensors: named for who reads it (kohya files: A1111/Forge, ComfyUI, diffusers; the others: ComfyUI)
-FILE_TAGS = {KOHYA: "kohya", DIFFUSERS_ALPHA: "comfyui", HUNYUAN_OFFICIAL: "comfyui"}
+FILE_TAGS = {KOHYA: "kohya", DIFFUSERS_ALPHA: "comfyui", OFFICIAL_FUSED: "comfyui"}
 KOHYA_PREFIXES = {"unet": "lora_unet", "text_encoder": "lora_te", "text_encoder_2": "lora_te2"}
 OFFICIAL_PREFIX = "base_model.model."
 
@@ -37,15 +37,6 @@ COMPOUND_NAMES = (
     "add_embedding", "encoder_hid_proj", "text_model", "self_attn", "q_proj", "k_proj", "v_proj", "out_proj",
     "ff_context", "norm_out", "proj_mlp",
 )
-
-# diffusers' Hunyuan-DiT module -> (official fused module, position, number of members).
-HUNYUAN_FUSED = {
-    "attn1.to_q": ("attn1.Wqkv", 0, 3), "attn1.to_k": ("attn1.Wqkv", 1, 3), "attn1.to_v": ("attn1.Wqkv", 2, 3),
-    "attn1.to_out.0": ("attn1.out_proj", 0, 1), "attn2.to_q": ("attn2.q_proj", 0, 1),
-    "attn2.to_k": ("attn2.kv_proj", 0, 2), "attn2.to_v": ("attn2.kv_proj", 1, 2),
-    "attn2.to_out.0": ("attn2.out_proj", 0, 1),
-}
-
 
 def _modules(tensors: dict) -> dict:
     """diffusers-form tensors -> {"<prefix>.<module>": {"A": down, "B": up}}."""
@@ -115,8 +106,9 @@ def to_diffusers_alpha(tensors: dict, alphas: dict) -> dict:
     return result
 
 
-def to_hunyuan_official(tensors: dict, alphas: dict, prefix: str = "transformer") -> dict:
-    """diffusers-form Hunyuan-DiT LoRA tensors -> the official fused form under ``base_model.model.``.
+def to_official_fused(tensors: dict, alphas: dict, fused_layers: dict, prefix: str = "transformer") -> dict:
+    """diffusers-form LoRA tensors -> the original model's fused form under ``base_model.model.``; fused_layers maps
+    a diffusers layer (in a block) to (original fused layer, position, members) (Family.lora_fused_layers).
 
     A fused layer's LoRA stacks the members' down matrices (rank n*r) and puts their up matrices on the diagonal,
     so its product is exactly the members' products one above the other; its alpha is n * alpha, keeping
@@ -127,8 +119,8 @@ def to_hunyuan_official(tensors: dict, alphas: dict, prefix: str = "transformer"
     for module, pair in _modules(tensors).items():
         path = module.removeprefix(prefix + ".")
         match = re.fullmatch(r"(blocks\.\d+)\.(.+)", path)
-        if match and match.group(2) in HUNYUAN_FUSED:
-            fused, position, count = HUNYUAN_FUSED[match.group(2)]
+        if match and match.group(2) in fused_layers:
+            fused, position, count = fused_layers[match.group(2)]
             target = f"{match.group(1)}.{fused}"
         else:  # a layer the official model names as diffusers does (lora.target_modules beyond attention)
             target, position, count = path, 0, 1
@@ -156,24 +148,25 @@ def to_hunyuan_official(tensors: dict, alphas: dict, prefix: str = "transformer"
     return result
 
 
-def to_form(form: str, tensors: dict, alphas: dict) -> dict:
-    """diffusers-form tensors -> the named form."""
+def to_form(form: str, tensors: dict, alphas: dict, family) -> dict:
+    """diffusers-form tensors -> the named form (the family's fused layers for the official form)."""
     if form not in FORMS:
         raise ValueError(f"LoRA export form {form!r}: use one of {', '.join(FORMS)}")
-    return {KOHYA: to_kohya, DIFFUSERS_ALPHA: to_diffusers_alpha, HUNYUAN_OFFICIAL: to_hunyuan_official}[form](
-        tensors, alphas)
+    if form == OFFICIAL_FUSED:
+        return to_official_fused(tensors, alphas, family.lora_fused_layers, family.denoiser)
+    return {KOHYA: to_kohya, DIFFUSERS_ALPHA: to_diffusers_alpha}[form](tensors, alphas)
 
 
 # --- the tools' forms -> diffusers form -------------------------------------------------------------
 
 
 def detect_form(keys) -> str:
-    """Which form a file's tensor names are in: kohya, official Hunyuan-DiT, or diffusers'."""
+    """Which form a file's tensor names are in: kohya, an original model's fused form, or diffusers'."""
     keys = [key for key in keys if key != "__metadata__"]
     if keys and all(key.startswith(("lora_unet_", "lora_te_", "lora_te1_", "lora_te2_")) for key in keys):
         return KOHYA
     if keys and all(key.startswith(OFFICIAL_PREFIX) for key in keys):
-        return HUNYUAN_OFFICIAL
+        return OFFICIAL_FUSED
     return DIFFUSERS_ALPHA
 
 
@@ -211,13 +204,14 @@ def from_kohya(tensors: dict) -> tuple[dict, dict]:
     return result, alphas
 
 
-def from_hunyuan_official(tensors: dict, prefix: str = "transformer") -> tuple[dict, dict]:
-    """Official Hunyuan-DiT tensors -> (diffusers-form tensors, module -> alpha), splitting the fused layers.
+def from_official_fused(tensors: dict, fused_layers: dict, prefix: str = "transformer") -> tuple[dict, dict]:
+    """Tensors in an original model's fused form -> (diffusers-form tensors, module -> alpha), splitting the fused
+    layers (fused_layers: Family.lora_fused_layers).
 
-    A block-diagonal fused LoRA (as to_hunyuan_official writes it) splits back into the members' own rank-r
+    A block-diagonal fused LoRA (as to_official_fused writes it) splits back into the members' own rank-r
     LoRAs exactly; any other fused LoRA splits into rank-R members sharing the down matrix (also exact)."""
     members_of = {}
-    for member, (fused, position, count) in HUNYUAN_FUSED.items():
+    for member, (fused, position, count) in fused_layers.items():
         members_of.setdefault(fused, [None] * count)[position] = member
     result, alphas = {}, {}
     for key, down in tensors.items():
@@ -236,7 +230,7 @@ def from_hunyuan_official(tensors: dict, prefix: str = "transformer") -> tuple[d
         count, rank = len(members), down.shape[0]
         out_features = up.shape[0] // count
         rows = [up[p * out_features:(p + 1) * out_features] for p in range(count)]
-        # Members to_hunyuan_official left out have zero rows; the others sit on the diagonal, r columns each.
+        # Members to_official_fused left out have zero rows; the others sit on the diagonal, r columns each.
         used = [p for p in range(count) if rows[p].abs().sum() > 0]
         used = used if used and len(used) < count else list(range(count))
         step = rank // len(used) if rank % len(used) == 0 else 0

@@ -139,3 +139,4 @@ class Family:
     lora_export_form: str = "kohya"  # synth.lora_export form of lora.<tag>.safetensors, the file ComfyUI / A1111 read
     ss_base_model_version: str = ""  # kohya sd-scripts' ss_base_model_version (A1111's extra-networks panel)
     modelspec_architecture: str = ""  # SAI model spec architecture ("<this>/lora" in modelspec.architecture)
+    lora_fused_layers: dict = {}  # "official_fused" form: diffusers layer -> (original fused layer, position, members)

@@ -52,9 +52,16 @@ class HunyuanDiT(Family):
         return [(f"blocks.{match.group(1)}.{target}", chunk, len(targets)) for chunk, target in enumerate(targets)]
 
     # LoRA export
-    lora_export_form = "hunyuan_official"  # base_model.model.<fused original layers>: ComfyUI's Hunyuan-DiT form
+    lora_export_form = "official_fused"  # base_model.model.<fused original layers>: ComfyUI's Hunyuan-DiT form
     ss_base_model_version = "hunyuan_dit"
     modelspec_architecture = "hunyuan-dit"
+
+    @property
+    def lora_fused_layers(self) -> dict:
+        """diffusers layer -> (official fused layer, position, members) for the official form's attention layers:
+        HUNYUAN_LAYERS inverted (attn1.to_k -> attn1.Wqkv, 1 of 3)."""
+        return {member: (official, position, len(members)) for official, members in HUNYUAN_LAYERS.items()
+                if official.startswith(("attn1.", "attn2.")) for position, member in enumerate(members)}
 
 
 # LoRA import: Tencent's HunyuanDiT layer names (in a block) -> diffusers' HunyuanDiT2DModel layers

@@ -102,7 +102,7 @@ def export_lora(path, denoiser, cfg: DictConfig, family, steps: int | None = Non
     write_safetensors(path, tensors, metadata)
     if not tools_file:
         return str(path)
-    tools = to_form(family.lora_export_form, tensors, alphas)
+    tools = to_form(family.lora_export_form, tensors, alphas, family)
     tools_metadata = {k: v for k, v in metadata.items() if k != DIFFUSERS_METADATA_KEY}
     write_safetensors(sibling_path(path, family.lora_export_form), tools, tools_metadata)
     return str(path)
