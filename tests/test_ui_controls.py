@@ -42,17 +42,20 @@ class HeldSteps:
     """Replaces step_hooks.on_step: records every step and holds the render after the step `hold_at` matches,
     until release() (so a test acts while the render is known to be at that step, without sleeps)."""
 
-    def __init__(self, monkeypatch, hold_at):
+    def __init__(self, monkeypatch, hold_at, reported=False):
         self.calls, self.hold_at = [], hold_at
         self.reached, self.released = threading.Event(), threading.Event()
         real = step_hooks.on_step
 
         def on_step(where, step, total):
             self.calls.append((where, step + 1, total))
+            if reported:  # hold after the step's progress went out (else before: a Cancel is seen at this step)
+                real(where, step, total)
             if self.hold_at(where, step) and not self.released.is_set():
                 self.reached.set()
                 assert self.released.wait(60), "the test never released the render"
-            real(where, step, total)
+            if not reported:
+                real(where, step, total)
 
         monkeypatch.setattr(step_hooks, "on_step", on_step)
 
@@ -118,3 +121,33 @@ def test_textual_inversions_from_the_folder(server, client):
     assert np.abs(pixels(styled) - pixels(plain)).mean() > 0.5, "the keyword is the embedding's vectors now"
     with pytest.raises(Exception, match="xlstyle|embeddings_dir|not in"):
         submit(client, embeddings=["../../elsewhere.safetensors"]).result(timeout=60)
+
+
+def test_progress_names_each_high_res_stage(server, client, monkeypatch):
+    held = HeldSteps(monkeypatch, lambda where, step: where.startswith("stage 2/2") and step == 0, reported=True)
+    job = submit(client, seed=3, steps=2, size="128")  # 64 native: the chain is 64x64, then 128x128
+    assert held.reached.wait(60), "stage 2 never ran"
+    shown = None
+    for _ in range(600):  # the page hears the held step's progress (Gradio sends the latest one periodically)
+        units = job.status().progress_data or []
+        shown = [(unit.desc, unit.index, unit.length) for unit in units]
+        if ("stage 2/2: 128x128", 1, held.calls[-1][2]) in shown:
+            break
+        held.released.wait(0.05)  # not a timing assumption: it polls for an update that must come
+    held.release()
+    image, parameters = job.result(timeout=60)
+    assert ("stage 2/2: 128x128", 1, held.calls[-1][2]) in shown, shown
+    labels = [where for where, _, _ in held.calls]
+    assert labels[0] == "stage 1/2: 64x64" and labels[-1] == "stage 2/2: 128x128"
+    assert labels == sorted(labels), "stage 1's steps, then stage 2's"
+    assert Image.open(image).size == (128, 128)
+
+
+def test_the_prompter_dropdown_changes_the_prompt(server, client):
+    job = submit(client, seed=5, prompt="一只猫坐在窗台上", prompter="tiny_translate")
+    translated, parameters = job.result(timeout=120)
+    assert parameters.startswith("a cat sitting on a windowsill\n"), parameters  # the twin's learned translation
+    typed, _ = submit(client, seed=5, prompt="a cat sitting on a windowsill").result(timeout=60)
+    assert np.array_equal(pixels(translated), pixels(typed)), "the image is the translated prompt's"
+    untranslated, _ = submit(client, seed=5, prompt="一只猫坐在窗台上").result(timeout=60)
+    assert not np.array_equal(pixels(untranslated), pixels(typed))
