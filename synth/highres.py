@@ -149,7 +149,8 @@ def generate(pipe, call: dict, cfg, width: int, height: int, seed: int, out_dir=
         len(plan) == 1 and not control and not needs_tiling(highres, model, family.name, width, height)
     ):
         # as diffusers does it; "np" and then numpy_to_pil is what "pil" does, bit for bit, with a look at the pixels
-        pixels = pipe(**call, generator=generator, output_type="np", callback_on_step_end=stop_on_nonfinite()).images
+        guard = stop_on_nonfinite(label=f"{width}x{height}")
+        pixels = pipe(**call, generator=generator, output_type="np", callback_on_step_end=guard).images
         check_finite_pixels(pixels)
         return pipe.image_processor.numpy_to_pil(pixels)[0], stats
 
@@ -223,7 +224,9 @@ class ChainRun:
         return tiled_denoiser(pipe, self.settings, self.stats, forward=self.tiled_forward)
 
     def guard(self, index: int, size):
-        return stop_on_nonfinite(f"stage {index + self.entry + 1} ({size[0]}x{size[1]})")  # nan latents end the run
+        number, total = index + self.entry + 1, self.entry + len(self.stats["plan"])
+        return stop_on_nonfinite(f"stage {number} ({size[0]}x{size[1]})",  # nan latents end the run
+                                 f"stage {number}/{total}: {size[0]}x{size[1]}")
 
     def base(self, stage, index: int, shared: dict):
         """The base stage: text-to-image at the stage's size, as latents."""
@@ -279,9 +282,15 @@ class ChainRun:
                  {"synth-stage": f"stage {number} of {self.stem}: {size}"})
 
 
-def stop_on_nonfinite(where: str = "sampling"):
+def stop_on_nonfinite(where: str = "sampling", label: str | None = None):
     """A diffusers callback_on_step_end that stops the run at the first step whose latents hold nan or inf: every
-    later step and the decoded image would be nan too, and a black PNG would be written with exit code 0."""
+    later step and the decoded image would be nan too, and a black PNG would be written with exit code 0.
+
+    The same callback serves a caller's step hooks (synth.step_hooks: the web UI's Cancel and its progress,
+    reported as `label`); without an observer that part is a no-op."""
+    from synth.step_hooks import check_cancelled, on_step
+
+    check_cancelled(where)  # cancelled before this call started (between stages or images): do not start it
 
     def check(pipe, step: int, timestep, callback_kwargs: dict) -> dict:
         import torch
@@ -291,6 +300,7 @@ def stop_on_nonfinite(where: str = "sampling"):
                 f"{where}: the latents became nan or inf at step {step + 1}; nothing was written (a LoRA or "
                 "embedding with extreme weights, an extreme guidance_scale, or fp16 overflow: try dtype=fp32)"
             )
+        on_step(label or where, step, getattr(pipe, "_num_timesteps", None))  # progress, then Cancel
         return callback_kwargs
 
     return check

@@ -2,8 +2,10 @@
 
 Live mode (Turbo's): every edit of the prompt, seed, steps, strength or sketch re-renders; the newest request of
 a tab wins. Full mode: model, size (the highres chain above native), scheduler, guidance, number of images,
-LoRAs with a scale each, prompter; Generate and Cancel; a gallery of the tab's images; a dropped synth or A1111
-PNG restores its settings. `serve(cfg, ...)` is what `python ui.py` runs; `build(generator)` what tests start.
+LoRAs with a scale each, textual inversions, prompter; Generate and Cancel (which stops the render on the device
+within a step, synth.step_hooks); progress per step, labelled with its high-res stage; a gallery of the tab's
+images; a dropped synth or A1111 PNG restores its settings. `serve(cfg, ...)` is what `python ui.py` runs;
+`build(generator)` what tests start.
 """
 
 from __future__ import annotations
@@ -17,6 +19,8 @@ os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")  # before gradio load
 import gradio as gr  # noqa: E402
 from omegaconf import DictConfig
 
+from synth.step_hooks import Cancelled  # noqa: E402
+from synth.textual_inversion import SUFFIXES as EMBEDDING_SUFFIXES  # noqa: E402
 from synth.ui_requests import Generator, Settings, check_ui, is_blank  # noqa: E402
 
 log = logging.getLogger(__name__)
@@ -104,6 +108,9 @@ def build(generator: Generator):
     native = int(cfg.model.native_size)
     lora_dir = Path(str(ui.lora_dir)).expanduser() if ui.lora_dir else None
     lora_files = sorted(p.name for p in lora_dir.glob("*.safetensors")) if lora_dir else []
+    embeddings_dir = Path(str(ui.embeddings_dir)).expanduser() if ui.get("embeddings_dir") else None
+    embedding_files = sorted(p.name for p in embeddings_dir.iterdir()
+                             if p.is_file() and p.suffix.lower() in EMBEDDING_SUFFIXES) if embeddings_dir else []
 
     with gr.Blocks(title="synth") as demo:
         gallery_state = gr.State([])  # this tab's images: (path, parameters); each tab has its own
@@ -144,6 +151,9 @@ def build(generator: Generator):
             loras = gr.Dataframe(value=[[name, 0.0] for name in lora_files] or None, headers=["LoRA", "scale"],
                                  datatype=["str", "number"], label=f"LoRAs in {lora_dir} (scale 0 = off)",
                                  visible=bool(lora_files), interactive=True)
+            embeddings = gr.Dropdown(embedding_files, value=[], multiselect=True, elem_id="embeddings",
+                                     label=f"Textual inversions in {embeddings_dir} (keyword = file name)",
+                                     visible=bool(embedding_files))
             with gr.Row():
                 generate = gr.Button("Generate", variant="primary", elem_id="generate")
                 cancel = gr.Button("Cancel", elem_id="cancel")
@@ -176,15 +186,17 @@ def build(generator: Generator):
                     return gr.skip(), gr.skip(), gr.skip()
                 try:
                     paths = generator.generate(_settings(prompt, negative, seed, steps, strength),
-                                               _sketch_image(sketch), number)
+                                               _sketch_image(sketch), number, session=session)
                 except USER_ERRORS as error:
                     gr.Warning(str(error))  # while typing a toast, not an error box; the last image stays
+                    return gr.skip(), gr.skip(), gr.skip()
+                except Cancelled:
                     return gr.skip(), gr.skip(), gr.skip()
             return add_images(paths, state)
 
         def full_render(prompt, negative, seed, steps, strength, sketch, model, scheduler, prompter, size, guidance,
-                        num_images, loras, state, progress=gr.Progress(track_tqdm=True)):
-            """Generate: every full-mode setting; progress per denoising step and high-res stage (tqdm)."""
+                        num_images, loras, embeddings, state, request: gr.Request, progress=gr.Progress()):
+            """Generate: every full-mode setting; progress per denoising step, labelled with its high-res stage."""
             chosen = []
             if loras is not None and len(loras):
                 rows = loras.values.tolist() if hasattr(loras, "values") else loras
@@ -194,23 +206,36 @@ def build(generator: Generator):
                 raise gr.Error(f"LoRA {unknown[0]!r} is not in ui.lora_dir={lora_dir}; choose one of: "
                                f"{', '.join(lora_files) or '(none)'}")
             chosen = [(str(lora_dir / name), scale) for name, scale in chosen]
+            unknown = [name for name in embeddings or [] if name not in embedding_files]
+            if unknown:  # as the LoRAs: names of the folder's files only
+                raise gr.Error(f"embedding {unknown[0]!r} is not in ui.embeddings_dir={embeddings_dir}; choose one "
+                               f"of: {', '.join(embedding_files) or '(none)'}")
             try:
                 settings = _settings(prompt, negative, seed, steps, strength, model, scheduler, prompter, size,
                                      guidance, num_images, chosen)
-                paths = generator.generate(settings, _sketch_image(sketch))
+                settings.textual_inversion = [str(embeddings_dir / name) for name in embeddings or []]
+                paths = generator.generate(settings, _sketch_image(sketch), session=request.session_hash or "api",
+                                           progress=lambda label, done, total: progress((done, total), desc=label))
             except USER_ERRORS as error:
                 raise gr.Error(str(error)) from None
+            except Cancelled:  # Cancel: the device stopped at the end of a step; nothing half-written to show
+                return gr.skip(), gr.skip(), gr.skip()
             return add_images(paths, state)
 
         rendered = [output, info, gallery_state]
         gr.on([c.change for c in live_inputs], live_render, inputs=[*live_inputs, live, gallery_state],
               outputs=rendered, trigger_mode="always_last", concurrency_limit=None, api_name="live",
               show_progress="minimal").success(show_gallery, gallery_state, gallery, api_name="gallery", queue=False)
-        full_inputs = [*live_inputs, model, scheduler, prompter, size, guidance, num_images, loras, gallery_state]
+        full_inputs = [*live_inputs, model, scheduler, prompter, size, guidance, num_images, loras, embeddings,
+                       gallery_state]
         event = generate.click(full_render, inputs=full_inputs, outputs=rendered, concurrency_limit=None,
                                api_name="generate")
         event.success(show_gallery, gallery_state, gallery, api_name=False, queue=False)
-        cancel.click(None, cancels=[event])  # Gradio's cancel: the page stops waiting; the running step finishes
+        def cancel_render(request: gr.Request):
+            """Cancel: the page stops waiting (Gradio's cancels=) and the render stops after its running step."""
+            generator.cancel(request.session_hash or "api")
+
+        cancel.click(cancel_render, cancels=[event], concurrency_limit=None, api_name="cancel", show_progress="hidden")
 
         def use_output(path):
             if not path:

@@ -37,8 +37,9 @@ def check_ui(ui: DictConfig) -> tuple[str, str] | None:
         raise ValueError(f"ui.max_upload_mb={ui.max_upload_mb}: must be a number > 0")
     if ui.live not in ("auto", True, False):
         raise ValueError(f"ui.live={ui.live}: choose auto, true or false")
-    if ui.lora_dir is not None and not Path(str(ui.lora_dir)).expanduser().is_dir():
-        raise FileNotFoundError(f"ui.lora_dir={ui.lora_dir}: no such folder")
+    for key in ("lora_dir", "embeddings_dir"):
+        if ui.get(key) is not None and not Path(str(ui[key])).expanduser().is_dir():
+            raise FileNotFoundError(f"ui.{key}={ui[key]}: no such folder")
     return auth
 
 
@@ -71,6 +72,7 @@ class Settings:
     scheduler: str | None = None
     prompter: str | None = None
     loras: list[tuple[str, float]] = field(default_factory=list)  # (path, scale) of each LoRA that is on
+    textual_inversion: list[str] = field(default_factory=list)  # embedding files chosen, after the command line's
 
 
 class Generator:
@@ -88,6 +90,7 @@ class Generator:
         self._compose_lock = threading.Lock()
         self._composed: dict[tuple, DictConfig] = {}
         self._newest: dict[str, int] = {}  # session -> its newest live request (newest-request-wins)
+        self._cancels: dict[str, threading.Event] = {}  # session -> its running request's Cancel (step_hooks)
         self.claimed = 0  # live requests seen (tests wait on it)
 
     # --- configs ---------------------------------------------------------------------------------------------
@@ -126,6 +129,9 @@ class Generator:
             cfg.denoise_strength = float(settings.denoise_strength)
             cfg.init_image = str(init_image) if init_image is not None else None
             cfg.replay = None
+            given = cfg.get("textual_inversion") or []
+            given = [given] if isinstance(given, str) else [str(path) for path in given]  # the command line's
+            cfg.textual_inversion = [*given, *(path for path in settings.textual_inversion if path not in given)]
             cfg.output_dir = str(out_dir)
         return cfg
 
@@ -162,11 +168,29 @@ class Generator:
             image = image.resize((width, height), Image.LANCZOS)
         return save_png(image, self.run_dir / "inputs", f"{number:04d}", {})
 
-    def generate(self, settings: Settings, sketch=None, number: int | None = None, progress=None) -> list[Path]:
-        """Images of one request (written as infer.py writes them); ValueError for a bad setting, as infer.py."""
+    def cancel(self, session: str) -> bool:
+        """Cancel the session's request: it stops at the end of the step it runs (or before its first one, if it
+        waits for the device); the PNGs it wrote before stay, the one it was making is never written."""
+        with self._number_lock:
+            event = self._cancels.get(session)
+        if event is None:
+            return False
+        event.set()
+        return True
+
+    def generate(self, settings: Settings, sketch=None, number: int | None = None, progress=None,
+                 session: str | None = None) -> list[Path]:
+        """Images of one request (written as infer.py writes them); ValueError for a bad setting, as infer.py;
+        synth.step_hooks.Cancelled when `cancel(session)` stopped it. progress(label, done, total) hears each
+        denoising step with its stage ("stage 2/3: 1024x1024")."""
         from synth.checks import check_inputs
         from synth.infer import infer
+        from synth.step_hooks import observe
 
+        cancel = threading.Event()  # a new request of the session: an earlier Cancel does not stop this one
+        if session is not None:
+            with self._number_lock:
+                self._cancels[session] = cancel
         number = number if number is not None else self.next_number()
         out_dir = self.run_dir / f"{number:04d}"
         cfg = self.config(settings, None, out_dir)
@@ -175,7 +199,7 @@ class Generator:
             width, height = check_inputs(cfg)  # the text-to-image size: the sketch is drawn for it
             init = self.write_sketch(sketch, number, width, height)
             cfg = self.config(settings, init, out_dir)
-        with self.lock:
+        with self.lock, observe(cancel, progress):
             return infer(cfg)
 
     def restore(self, png: str) -> DictConfig:

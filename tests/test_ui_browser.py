@@ -93,3 +93,35 @@ def test_type_see_draw_see_change(server, page, tmp_path):
         page.wait_for_timeout(50)
     assert generator.claimed > claimed, "the edit reached the server"
     assert requests(generator) == made
+
+
+def test_the_cancel_button_stops_the_render(server, page, monkeypatch):
+    import threading
+
+    from test_ui_controls import HeldSteps, finished
+
+    generator, _ = server
+    page.locator("#live input").set_checked(False)  # only the Generate button renders
+    page.locator("#steps input[type=number]").fill("40")
+    page.locator("#steps input[type=number]").press("Enter")
+    images = set(generator.run_dir.glob("[0-9]*/*.png"))
+    held = HeldSteps(monkeypatch, lambda where, step: step == 0)
+    cancelled, real_cancel = threading.Event(), generator.cancel
+
+    def cancel(session):
+        try:
+            return real_cancel(session)
+        finally:
+            cancelled.set()
+
+    monkeypatch.setattr(generator, "cancel", cancel)
+    if not page.locator("#generate").is_visible():
+        page.get_by_text("Full mode").click()
+    page.locator("#generate").click()
+    assert held.reached.wait(60), "the render never started"
+    page.locator("#cancel").click()
+    assert cancelled.wait(60), "the Cancel button reached the server"
+    held.release()
+    finished(generator)
+    assert [step for _, step, _ in held.calls] == [1] and held.calls[0][2] > 1, held.calls
+    assert set(generator.run_dir.glob("[0-9]*/*.png")) == images, "no PNG for the cancelled image"
