@@ -83,11 +83,10 @@ def ensure_model_twin(model_cfg) -> None:
     twin = model_cfg.get("twin")
     if not twin:
         return
-    options = twin.get("options")
-    if options is not None and hasattr(options, "items"):
-        from omegaconf import OmegaConf
+    from omegaconf import OmegaConf
 
-        options = OmegaConf.to_container(options) if OmegaConf.is_config(options) else dict(options)
+    options = twin.get("options")
+    options = OmegaConf.to_container(options) if OmegaConf.is_config(options) else options
     ensure_twin(twin.family, model_cfg.path, preset=twin.preset, options=options)
 
 

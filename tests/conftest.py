@@ -1,6 +1,7 @@
 """Shared test setup: no network, a fresh twin cache per session, composed configs and the real CLI."""
 
 import os
+import socket
 import subprocess
 import sys
 import tempfile
@@ -36,6 +37,13 @@ def family_twins(where=lambda family: True) -> list[str]:
     from synth.families import FAMILIES
 
     return [f"tiny_{name}" for name, family in FAMILIES.items() if where(family)]
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on now (for servers the tests start)."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
 
 
 def run_cli(script, *args, cwd, env=None):

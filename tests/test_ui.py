@@ -1,12 +1,11 @@
 """The web UI through its API (gradio_client) against a server started in this process on the SDXL-Turbo twin."""
 
-import socket
 import struct
 import zlib
 
 import numpy as np
 import pytest
-from conftest import ROOT, compose_infer, run_cli
+from conftest import ROOT, compose_infer, free_port, run_cli
 from PIL import Image
 
 from synth import pipelines
@@ -14,12 +13,6 @@ from synth.images import CONFIG_KEY, PARAMETERS_KEY, read_config, read_text
 
 gradio_client = pytest.importorskip("gradio_client")
 from gradio_client import Client, handle_file  # noqa: E402
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 @pytest.fixture(scope="module")

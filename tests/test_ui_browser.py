@@ -3,21 +3,15 @@
 import os
 import re
 import shutil
-import socket
 from pathlib import Path
 
 import pytest
+from conftest import free_port
 
 sync_api = pytest.importorskip("playwright.sync_api")
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 pytestmark = pytest.mark.skipif(not Path(CHROMIUM).exists(), reason="needs Chromium (apt-get install chromium)")
 TIMEOUT_MS = 60_000  # a render on a busy 2-core machine; expect() returns as soon as the condition holds
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 @pytest.fixture(scope="module")

@@ -13,7 +13,8 @@ from synth import step_hooks
 gradio_client = pytest.importorskip("gradio_client")
 from gradio_client import Client  # noqa: E402
 from test_textual_inversion import CLIP_G, CLIP_L, vectors  # noqa: E402
-from test_ui import NO_LORAS, free_port, pixels  # noqa: E402
+from conftest import free_port  # noqa: E402
+from test_ui import NO_LORAS, pixels  # noqa: E402
 
 
 @pytest.fixture(scope="module")
