@@ -190,12 +190,27 @@ def check_offline(model_cfg: DictConfig) -> None:
     check_weights_source("model.path", path, "model_index.json", offline_message=str(offline_error(path)))
 
 
-def offline_error(path: str) -> FileNotFoundError:
-    twins = ", ".join(twin_models())
+def offline_error(path: str, key: str = "model.path") -> FileNotFoundError:
+    if key.startswith("prompter."):
+        twins = "prompter=" + ", ".join(stem for stem in group_options("prompter") if stem.startswith("tiny_"))
+    else:
+        twins = "model=" + ", ".join(twin_models())
     return FileNotFoundError(
-        f"model.path={path}: weights are not available offline; download them first, point model.path "
-        f"at a local folder or .safetensors file, or use an offline twin (model={twins})"
+        f"{key}={path}: weights are not available offline; download them first, point {key} "
+        f"at a local folder or .safetensors file, or use an offline twin ({twins})"
     )
+
+
+def hub_load(path: str, key: str, load):
+    """load() for weights that may come from the Hugging Face hub: when `path` is not on this disk and loading
+    fails with an OSError (no network, not cached, not found, gated), the run stops with offline_error's one
+    line instead of the loaders' chained tracebacks. Errors loading a local path are the loaders' own."""
+    try:
+        return load()
+    except OSError as error:
+        if Path(path).expanduser().exists():
+            raise
+        raise offline_error(path, key) from error
 
 
 def twin_models() -> list[str]:

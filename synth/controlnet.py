@@ -112,7 +112,7 @@ def load_controlnet(cfg, device, dtype):
     """The ControlNetModel for cfg, kept between the jobs of a sweep like the pipeline is."""
     from diffusers import ControlNetModel
 
-    from synth.config import offline_error
+    from synth.config import hub_load
 
     path = str(model_path(cfg))
     offload = cfg.get("offload", "none")
@@ -124,12 +124,7 @@ def load_controlnet(cfg, device, dtype):
         if cfg.controlnet.get("variant"):
             kwargs["variant"] = cfg.controlnet.variant
         log.info("loading ControlNet %s from %s", cfg.controlnet.name, path)
-        try:
-            model = ControlNetModel.from_pretrained(path, **kwargs)
-        except OSError as error:
-            if not Path(path).expanduser().exists():
-                raise FileNotFoundError(str(offline_error(path)).replace("model.path", "controlnet.path")) from error
-            raise
+        model = hub_load(path, "controlnet.path", lambda: ControlNetModel.from_pretrained(path, **kwargs))
         if offload == "model":  # like the pipeline's models: on the CPU, moved to the GPU while it runs
             from accelerate import cpu_offload_with_hook
 

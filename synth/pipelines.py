@@ -9,7 +9,7 @@ import torch
 from hydra.utils import get_class
 from omegaconf import DictConfig, OmegaConf
 
-from synth.config import is_single_file, offline_error
+from synth.config import hub_load, is_single_file
 from synth.families import get_family
 from synth.loras import load_loras, lora_key
 from synth.textual_inversion import add_embeddings, embeddings_key, read_embeddings
@@ -65,22 +65,18 @@ def load_pipeline(model_cfg: DictConfig, device: torch.device, dtype: torch.dtyp
     kwargs = {"dtype": dtype, **family.load_kwargs(model_cfg)}
     path = str(model_cfg.path)
     log.info("loading %s pipeline from %s (%s, %s)", family.name, path, device, str(dtype).removeprefix("torch."))
-    try:
+    def load():
         if is_single_file(path):
-            pipe = cls.from_single_file(str(Path(path).expanduser()), config=model_cfg.single_file_config, **kwargs)
-        else:
-            if model_cfg.get("variant"):
-                kwargs["variant"] = model_cfg.variant
-            if Path(path).expanduser().exists():
-                # A local folder loads .safetensors only: with use_safetensors=None diffusers and transformers fall
-                # back to unpickling .bin files (synth.config.check_no_pickles refuses such folders up front).
-                kwargs["use_safetensors"] = True
-            pipe = cls.from_pretrained(path, **kwargs)
-    except OSError as error:
-        message = str(error).lower()
-        if not Path(path).expanduser().exists() and ("offline" in message or "connect" in message):
-            raise offline_error(path) from error
-        raise
+            return cls.from_single_file(str(Path(path).expanduser()), config=model_cfg.single_file_config, **kwargs)
+        if model_cfg.get("variant"):
+            kwargs["variant"] = model_cfg.variant
+        if Path(path).expanduser().exists():
+            # A local folder loads .safetensors only: with use_safetensors=None diffusers and transformers fall
+            # back to unpickling .bin files (synth.config.check_no_pickles refuses such folders up front).
+            kwargs["use_safetensors"] = True
+        return cls.from_pretrained(path, **kwargs)
+
+    pipe = hub_load(path, "model.path", load)
     load_count += 1
     family.check_loaded(pipe, model_cfg)
     if offload == "model":

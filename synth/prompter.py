@@ -14,7 +14,7 @@ import re
 
 from omegaconf import DictConfig
 
-from synth.config import check_weights_source
+from synth.config import check_weights_source, hub_load
 
 log = logging.getLogger(__name__)
 
@@ -98,9 +98,11 @@ def load(role: str, settings: DictConfig, device, dtype):
             del _loaded[old]  # one model per role in memory
         cls = AutoModelForSeq2SeqLM if role == "translator" else AutoModelForCausalLM
         log.info("loading %s from %s", role, settings.path)
-        tokenizer = AutoTokenizer.from_pretrained(str(settings.path))
+        path = str(settings.path)
+        tokenizer = hub_load(path, f"prompter.{role}.path", lambda: AutoTokenizer.from_pretrained(path))
         # transformers refuses .bin weights it cannot load with torch.load(weights_only=True).
-        model = cls.from_pretrained(str(settings.path), dtype=dtype).to(device).eval()
+        model = hub_load(path, f"prompter.{role}.path", lambda: cls.from_pretrained(path, dtype=dtype))
+        model = model.to(device).eval()
         _loaded[key] = tokenizer, model
     return _loaded[key]
 

@@ -161,3 +161,34 @@ def test_prompt_with_equals_is_a_prompt(monkeypatch):
     seen = []
     entry_point(monkeypatch, lambda: seen.append(list(sys.argv[1:])), "prompt=a=b", "model=tiny_sd15")
     assert seen == [["prompt='a=b'", "model=tiny_sd15"]]
+
+
+
+def test_unreachable_hub_is_one_line(tmp_path):
+    """Without HF_HUB_OFFLINE, a hub id that cannot be fetched (here: the hub endpoint refuses connections, the
+    cache is empty) ends in one line naming the key, not the loaders' chained tracebacks."""
+    from conftest import free_port
+
+    env = {"HF_HUB_OFFLINE": "0", "HF_ENDPOINT": f"http://127.0.0.1:{free_port()}", "HF_HOME": str(tmp_path / "hf")}
+    result = run_cli("infer.py", "model=sd3", "device=cpu", cwd=tmp_path, env=env)
+    assert result.returncode != 0
+    assert "Traceback" not in result.stderr
+    assert result.stderr.strip().splitlines()[-1].startswith(
+        "error: model.path=stabilityai/stable-diffusion-3-medium-diffusers: weights are not available offline")
+
+
+def test_hub_load_names_the_key_for_hub_ids_only(tmp_path):
+    """synth.config.hub_load turns a hub id's OSError into the one-line offline error for the key it names (the
+    prompter's and ControlNet's loads use it too); a local path's own error is left as the loader raised it."""
+    from synth.config import hub_load
+
+    def fail():
+        raise OSError("We couldn't connect to 'https://huggingface.co'")
+
+    with pytest.raises(FileNotFoundError, match=r"^prompter\.translator\.path=Helsinki-NLP/opus-mt-zh-en: weights "
+                       r"are not available offline.*prompter=tiny_"):
+        hub_load("Helsinki-NLP/opus-mt-zh-en", "prompter.translator.path", fail)
+    with pytest.raises(OSError, match="couldn't connect") as raised:
+        hub_load(str(tmp_path), "controlnet.path", fail)
+    assert not isinstance(raised.value, FileNotFoundError)
+    assert hub_load("org/name", "model.path", lambda: 7) == 7
