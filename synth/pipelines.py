@@ -67,7 +67,7 @@ def load_pipeline(model_cfg: DictConfig, device: torch.device, dtype: torch.dtyp
     log.info("loading %s pipeline from %s (%s, %s)", family.name, path, device, str(dtype).removeprefix("torch."))
     try:
         if is_single_file(path):
-            pipe = cls.from_single_file(str(Path(path).expanduser()), config=model_cfg.single_file_config, **kwargs)
+            pipe = family.load_single_file(cls, str(Path(path).expanduser()), model_cfg, kwargs)
         else:
             if model_cfg.get("variant"):
                 kwargs["variant"] = model_cfg.variant
