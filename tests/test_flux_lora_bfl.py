@@ -302,3 +302,114 @@ def test_synths_reading_of_kohya_names_matches_diffusers_converter_at_real_sizes
     assert set(ours) == set(theirs) == {m for ms in layout.values() for m in ms}
     for name in theirs:
         torch.testing.assert_close(ours[name], theirs[name], rtol=1e-5, atol=1e-5, msg=name)
+
+
+# --- the kohya export -------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """A random FLUX LoRA on the family's training targets (to_q, to_k, to_v, to_out.0), exported as training
+    does, with the image the trained adapter gives."""
+    from train_utils import compose_train
+
+    from synth.train.lora import add_lora, export_lora
+
+    folder = tmp_path_factory.mktemp("flux_export")
+    cfg = compose_train(["model=tiny_flux", "lora.rank=4", "lora.alpha=8.0"], output_dir=folder)
+    pipe = pipelines.load_pipeline(cfg.model, torch.device("cpu"), torch.float32)
+    torch.manual_seed(0)
+    for param in add_lora(pipe.transformer, cfg.lora, FLUX):
+        param.data = torch.randn_like(param) * 0.05
+    path = export_lora(folder / "lora.safetensors", pipe.transformer, cfg, FLUX, steps=2, tools_file=True)
+    deltas = {name: module.get_delta_weight(next(iter(module.lora_A))).detach()
+              for name, module in pipe.transformer.named_modules() if getattr(module, "lora_A", None)}
+    return {"path": path, "kohya": folder / "lora.kohya.safetensors", "image": image(pipe), "deltas": deltas,
+            "folder": folder}
+
+
+def adapter_deltas(model, adapter) -> dict:
+    return {name: module.get_delta_weight(adapter).detach() for name, module in model.named_modules()
+            if adapter in getattr(module, "lora_A", {})}
+
+
+def test_export_writes_bfl_kohya_names_that_reimport_to_the_trained_pixels(trained):
+    from safetensors import safe_open
+
+    assert not (trained["folder"] / "lora.comfyui.safetensors").exists()  # ComfyUI reads the kohya file
+    tensors = load_file(trained["kohya"])
+    modules = [f"lora_unet_double_blocks_{b}_img_attn_{n}" for b in (0, 1) for n in ("qkv", "proj")]
+    modules += [f"lora_unet_single_blocks_{b}_linear1" for b in (0, 1)]
+    assert set(tensors) == {f"{m}.{p}" for m in modules for p in ("lora_down.weight", "lora_up.weight", "alpha")}
+    # linear1: to_q, to_k, to_v trained (rank 4 each, block-diagonal), proj_mlp's 128 rows zero
+    up = tensors["lora_unet_single_blocks_0_linear1.lora_up.weight"]
+    assert up.shape == (32 * 3 + 128, 12) and not up[96:].any() and not up[:32, 4:].any()
+    assert float(tensors["lora_unet_single_blocks_0_linear1.alpha"]) == 24.0  # 3 x 8: alpha / rank stays 2
+    with safe_open(str(trained["kohya"]), framework="pt") as file:
+        metadata = file.metadata()
+    assert metadata["ss_base_model_version"] == "flux1" and DIFFUSERS_METADATA_KEY not in metadata
+
+    pipe = fresh()
+    assert check_lora_fits(str(trained["kohya"]), pipe, FLUX)["route"] == "renamed"
+    load_loras(pipe, FLUX, {"path": str(trained["kohya"]), "scale": 1.0})
+    loaded = adapter_deltas(pipe.transformer, "lora0")
+    assert loaded.keys() >= trained["deltas"].keys()
+    for name, delta in trained["deltas"].items():
+        torch.testing.assert_close(loaded[name], delta, rtol=0, atol=0, msg=name)
+    assert np.array_equal(image(pipe), trained["image"])
+
+
+def test_diffusers_own_loader_reads_the_kohya_export(trained, tmp_path):
+    """diffusers' load_lora_weights reads the exported file: on the twin for the double blocks (its converter splits
+    linear1 at FLUX.1's real widths, written in), and at FLUX.1's real sizes for every layer, from the same export."""
+    from diffusers import FluxPipeline
+
+    from synth.lora_export import to_kohya_fused
+
+    double = tmp_path / "double.safetensors"
+    save_file({k: v for k, v in load_file(trained["kohya"]).items() if "double_blocks" in k}, double)
+    theirs = fresh()
+    theirs.load_lora_weights(str(double), adapter_name="kohya")
+    loaded = adapter_deltas(theirs.transformer, "kohya")
+    assert loaded and all(name.startswith("transformer_blocks.") for name in loaded)
+    for name, delta in loaded.items():
+        torch.testing.assert_close(delta, trained["deltas"][name], rtol=1e-6, atol=1e-7, msg=name)
+
+    shapes = real_flux_linears()
+    generator = torch.Generator().manual_seed(7)
+    tensors, alphas = {}, {}
+    for name in [n for n in shapes if n.split(".")[-1] in ("to_q", "to_k", "to_v") or n.endswith("to_out.0")]:
+        tensors[f"transformer.{name}.lora_A.weight"] = torch.randn(2, shapes[name][0], generator=generator)
+        tensors[f"transformer.{name}.lora_B.weight"] = torch.randn(shapes[name][1], 2, generator=generator)
+        alphas[f"transformer.{name}"] = 1.0
+    kohya = to_kohya_fused(tensors, alphas, FLUX)
+    assert "lora_unet_single_blocks_0_linear1.lora_up.weight" in kohya
+    state_dict = FluxPipeline.lora_state_dict(kohya)
+    probe = {width: torch.randn(width, 3, generator=generator) for width in {s[0] for s in shapes.values()}}
+    for key, a in tensors.items():
+        if key.endswith("lora_A.weight"):
+            b = tensors[key.replace("lora_A", "lora_B")]
+            got = state_dict[key.replace("lora_A", "lora_B")] @ (state_dict[key] @ probe[a.shape[1]])
+            torch.testing.assert_close(got, b @ (a @ probe[a.shape[1]]) * 0.5, rtol=1e-5, atol=1e-4, msg=key)
+
+
+def test_convert_to_kohya_and_back(trained, tmp_path):
+    from synth.lora import convert
+
+    kohya = convert(str(trained["path"]), str(tmp_path / "kohya.safetensors"), "kohya")
+    exported, converted = load_file(trained["kohya"]), load_file(kohya)
+    assert exported.keys() == converted.keys()
+    assert all(torch.equal(exported[key], converted[key]) for key in exported)
+    comfyui = convert(str(trained["path"]), str(tmp_path / "comfyui.safetensors"), "comfyui")
+    assert load_file(comfyui).keys() == exported.keys()  # ComfyUI's form for FLUX is the same file
+    bare = tmp_path / "bare.safetensors"
+    save_file(exported, bare)  # as kohya's trainer or civitai would have it: no synth or diffusers metadata
+    back = convert(str(bare), str(tmp_path / "back.safetensors"), "diffusers")
+    returned, original = load_file(back), load_file(trained["path"])
+    assert returned.keys() >= original.keys()  # plus proj_mlp's all-zero LoRA (its rows of linear1 are zero)
+    pipe = fresh()
+    load_loras(pipe, FLUX, {"path": back, "scale": 1.0})
+    loaded = adapter_deltas(pipe.transformer, "lora0")
+    for name, delta in trained["deltas"].items():
+        torch.testing.assert_close(loaded[name], delta, rtol=0, atol=1e-7, msg=name)
+    assert not any(loaded[name].any() for name in set(loaded) - set(trained["deltas"]))
