@@ -17,7 +17,8 @@ diffusers' load_lora_weights loads diffusers files, and converts plain kohya LoR
 else (LoHa, LoKr, DoRA, kohya files for SD3/Kolors/Hunyuan-DiT, the official Hunyuan-DiT form, per-module alpha
 in diffusers names) has no loader in diffusers 0.42 or peft that takes these files, so synth fills the gap here:
 it computes each layer's delta by the format's formula and merges it into the weights at lora.scale (as A1111 and
-ComfyUI apply them). The pipeline cache keys on the LoRA files and scales (synth.loras.lora_key), and a pipeline
+ComfyUI apply them). For a family with Family.lora_renamed_for_diffusers (FLUX), plain LoRAs in other names are
+instead renamed into diffusers' layers here (split_fused) and handed to diffusers' loader, so they stay adapters. The pipeline cache keys on the LoRA files and scales (synth.loras.lora_key), and a pipeline
 is loaded fresh from disk for every new key, so merged weights are never reused without their LoRAs.
 
 Planning reads only the safetensors header (names and shapes): file keys pick no class, path or setting; they

@@ -6,8 +6,9 @@ LoraConfig, so alpha != rank loads at the right scale), and synth's own ``synth_
 model, rank, alpha, the resolved training config). Loading uses diffusers' ``load_lora_weights`` where diffusers
 has a loader that reads the file, and peft directly for Hunyuan-DiT (diffusers has no Hunyuan-DiT LoRA loader);
 files made elsewhere that neither reads (kohya, LyCORIS LoHa/LoKr, DoRA, text-encoder layers, SD3's and
-Hunyuan-DiT's own names) are merged by their format's formula (synth.lora_formats). check_lora_fits decides which,
-from the file's header.
+Hunyuan-DiT's own names) are merged by their format's formula (synth.lora_formats), except that plain LoRAs in
+FLUX's BFL names are renamed by synth and then loaded by diffusers' loader. check_lora_fits decides which, from the
+file's header.
 
 The checks here read only the safetensors header, so importing this module does not import torch.
 """

@@ -413,3 +413,15 @@ def test_convert_to_kohya_and_back(trained, tmp_path):
     for name, delta in trained["deltas"].items():
         torch.testing.assert_close(loaded[name], delta, rtol=0, atol=1e-7, msg=name)
     assert not any(loaded[name].any() for name in set(loaded) - set(trained["deltas"]))
+
+
+def test_renamed_adapters_stay_switchable(reference, tmp_path):
+    """A kohya file beside the diffusers file: two adapters, each at its own scale (the kohya one at 0 adds
+    nothing, so the image is the diffusers file's alone), as diffusers' set_adapters switches them."""
+    kohya = bfl_file(reference, tmp_path / "kohya.safetensors", dotted=False)
+    pipe = fresh()
+    load_loras(pipe, FLUX, {"path": [str(reference["folder"] / "diffusers.safetensors"), str(kohya)], "scale": [1.0, 0.0]})
+    assert set(pipe.get_list_adapters()["transformer"]) == {"lora0", "lora1"}
+    assert np.array_equal(image(pipe), reference["image"])
+    pipe.set_adapters(["lora1"], adapter_weights=[1.0])
+    assert np.array_equal(image(pipe), reference["image"])

@@ -28,7 +28,7 @@ class Family:
     img2img: str  # "module:Class" of the image-to-image pipeline
     controlnet_img2img: str | None = None  # "module:Class" of image-to-image with a ControlNet (highres refinement)
     size_step: int = 8  # width and height must be multiples of this: VAE factor 8 x the DiT patch size
-    single_file: bool = False  # whether diffusers can load a civitai-style single-file checkpoint
+    single_file: bool = False  # whether the family loads a single-file checkpoint (load_single_file)
     denoiser: str = "unet"  # the pipeline attribute holding the denoiser, and its LoRA state-dict prefix
     prediction: str = NOISE  # NOISE or FLOW: which schedulers fit (conf/scheduler/*.yaml `fits:`)
     objective: str  # "module:Class" of the training objective (a synth.train.objectives subclass)

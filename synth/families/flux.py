@@ -152,12 +152,12 @@ class Flux(Family):
         return plan
 
     def lora_original_members(self, name, rows):
+        """A kohya BFL name's members with their rows, from the LoRA's rows (q, k, v: 1 unit each, proj_mlp 4)."""
         members = bfl_members(name, underscored=True)
         if members is None:
             return None
         unit = rows // sum(member_weight(layer) for layer, _, _ in members)
         return [(layer, part, parts, unit * member_weight(layer)) for layer, part, parts in members]
-
 
 
 # --- BFL's names (black-forest-labs/flux, ComfyUI, kohya's FLUX LoRAs): one table for LoRA files, the kohya export
