@@ -245,8 +245,7 @@ def guess_family(keys, family) -> tuple[str, list[str]] | None:
 def check_lora_fits(path: str, pipe, family) -> dict:
     """Refuse a LoRA whose keys or shapes do not fit the pipeline, from the file's header alone, and plan how it
     loads: {"route": "diffusers" | "peft" | "renamed" | "merge", "modules": [(parameters, targets, stored alpha), ...]}.
-    Keys pick nothing
-    but names in tables of the model's own layers (synth.lora_formats)."""
+    Keys pick nothing but names in tables of the model's own layers (synth.lora_formats)."""
     from synth.lora_formats import KOHYA_UNET_PREFIX, delta_shape, group_keys, kind_of, resolve
 
     # 1. Every key is a parameter of a format synth reads
