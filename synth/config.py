@@ -99,7 +99,7 @@ def check_model_path(model_cfg: DictConfig) -> None:
     """model.path must be a local diffusers folder, a local single-file checkpoint, or a hub id."""
     path = str(model_cfg.path)
     family = get_family(model_cfg.family)
-    if model_cfg.get("twin"):
+    if model_cfg.get("twin") and not is_single_file(path):
         return  # built on first use by synth.twins
     local = Path(path).expanduser()
     if is_single_file(path):
@@ -116,6 +116,11 @@ def check_model_path(model_cfg: DictConfig) -> None:
             )
         if not local.is_file():
             raise FileNotFoundError(f"model.path={path}: no such file")
+        config = model_cfg.get("single_file_config")
+        if not config or is_single_file(str(config)):
+            raise ValueError(f"model.single_file_config={config}: a single-file checkpoint (model.path={path}) takes "
+                             "its components' configs, and what it lacks, from a diffusers folder or hub id of the "
+                             "same model; set model.single_file_config to one")
         return
     if check_weights_source("model.path", path, "model_index.json", offline_message=None,  # see check_offline
                             folder_note=" (not a diffusers pipeline folder)", local_word="path"):

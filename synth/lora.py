@@ -1,8 +1,9 @@
 """`python -m synth.lora convert IN OUT --to kohya|comfyui|diffusers [--family F] [--overwrite]`: a LoRA file
 from one form to another (synth.lora_export holds the forms).
 
-kohya: lora_unet_/lora_te_ names with per-module alpha (A1111/Forge, ComfyUI, diffusers; the UNet families).
-comfyui: the form ComfyUI reads for the file's family (kohya for UNets, diffusers keys + alpha for SD3, the
+kohya: lora_unet_/lora_te_ names with per-module alpha (A1111/Forge, ComfyUI, diffusers; the UNet families, and
+FLUX in BFL's original names, as kohya sd-scripts writes them).
+comfyui: the form ComfyUI reads for the file's family (kohya for UNets and FLUX, diffusers keys + alpha for SD3, the
 official base_model.model. form for Hunyuan-DiT). diffusers: diffusers/peft keys with diffusers' LoraConfig
 metadata (rank, alpha and their per-module patterns), the form diffusers' load_lora_weights and synth read.
 Metadata (synth_lora, ss_*, modelspec.*) is carried over; OUT is written atomically and never replaces an
@@ -57,10 +58,10 @@ def read_lora(path: str) -> tuple[dict, dict]:
         return {key: file.get_tensor(key) for key in file.keys()}, dict(file.metadata() or {})
 
 
-def file_family(metadata: dict, form: str, given: str | None):
+def file_family(metadata: dict, form: str, given: str | None, keys=()):
     """The family object: --family, else the synth metadata's, else the one the keys imply (None if unknown)."""
     from synth.families import FAMILIES, get_family
-    from synth.lora_export import OFFICIAL_FUSED
+    from synth.lora_export import KOHYA, KOHYA_FUSED, OFFICIAL_FUSED
     from synth.loras import SYNTH_METADATA_KEY
 
     if given is not None:
@@ -74,6 +75,9 @@ def file_family(metadata: dict, form: str, given: str | None):
     if stored in FAMILIES:
         return get_family(stored)
     implied = [name for name in FAMILIES if form == OFFICIAL_FUSED == get_family(name).lora_export_form]
+    if form == KOHYA:  # kohya names of an original model's layers (FLUX's double_blocks_...) say their family
+        implied = [name for name in FAMILIES if get_family(name).lora_export_form == KOHYA_FUSED
+                   and any(marker in key for key in keys for marker in get_family(name).lora_markers)]
     return get_family(implied[0]) if implied else None
 
 
@@ -84,7 +88,7 @@ def to_diffusers(tensors: dict, form: str, family) -> tuple[dict, dict]:
     if form == KOHYA:
         from synth.lora_export import from_kohya
 
-        return from_kohya(tensors)
+        return from_kohya(tensors, family)
     if form == OFFICIAL_FUSED:
         from synth.lora_export import from_official_fused
 
@@ -100,6 +104,7 @@ def convert(input_path: str, output_path: str, to: str, family_name: str | None 
     """Convert input_path to the form `to` and write output_path; returns output_path."""
     from synth.lora_export import (
         KOHYA,
+        KOHYA_FUSED,
         detect_form,
         dumps,
         peft_config,
@@ -117,7 +122,7 @@ def convert(input_path: str, output_path: str, to: str, family_name: str | None 
         raise ValueError(f"OUT={output_path}: already exists; pass --overwrite to replace it")
     tensors, metadata = read_lora(input_path)
     form = detect_form(tensors)
-    family = file_family(metadata, form, family_name)
+    family = file_family(metadata, form, family_name, list(tensors))
 
     # 2. To diffusers' form first: every conversion goes through it, with each module's alpha.
     if form != KOHYA and DIFFUSERS_METADATA_KEY in metadata:
@@ -145,6 +150,8 @@ def convert(input_path: str, output_path: str, to: str, family_name: str | None 
         metadata[DIFFUSERS_METADATA_KEY] = dumps(config)
     else:
         target = KOHYA if to == "kohya" else (family.lora_export_form if family else None)
+        if to == "kohya" and family is not None and family.lora_export_form == KOHYA_FUSED:
+            target = KOHYA_FUSED  # kohya names of the original model's layers (FLUX's), which its tools read
         if target is None:
             raise ValueError(f"--to={to}: the file does not say its family; give --family")
         if target == KOHYA and any(not key.startswith(("unet.", "text_encoder.", "text_encoder_2.")) for key in plain):

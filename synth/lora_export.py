@@ -12,6 +12,10 @@ The forms (the family says which its export uses: Family.lora_export_form):
   the original model's fused layers (the family's `lora_fused_layers`: Hunyuan-DiT's attn1.Wqkv, attn2.kv_proj, ...),
   which ComfyUI's key map reads; diffusers' split to_q/to_k/to_v LoRAs are fused exactly (down stacked, up
   block-diagonal, alpha multiplied so that alpha / rank stays the trained scale), plus per-module ``.alpha``.
+- "kohya_fused": kohya names of the original model's layers, fused the same way (``lora_unet_<original module,
+  "." -> "_">.lora_down.weight`` / ``lora_up.weight`` / ``alpha``; the family's `lora_original_layers` plans it,
+  members of unequal rows allowed): FLUX's BFL names, which kohya sd-scripts' FLUX LoRAs and civitai use and
+  ComfyUI and diffusers' Flux loader read.
 
 Tensors here are plain dicts of torch tensors; names of the diffusers form carry the prefix (``unet.``).
 """
@@ -21,10 +25,10 @@ from __future__ import annotations
 import json
 import re
 
-KOHYA, DIFFUSERS_ALPHA, OFFICIAL_FUSED = "kohya", "diffusers_alpha", "official_fused"
-FORMS = (KOHYA, DIFFUSERS_ALPHA, OFFICIAL_FUSED)
+KOHYA, DIFFUSERS_ALPHA, OFFICIAL_FUSED, KOHYA_FUSED = "kohya", "diffusers_alpha", "official_fused", "kohya_fused"
+FORMS = (KOHYA, DIFFUSERS_ALPHA, OFFICIAL_FUSED, KOHYA_FUSED)
 # lora.<tag>.safetensors: named for who reads it (kohya files: A1111/Forge, ComfyUI, diffusers; the others: ComfyUI)
-FILE_TAGS = {KOHYA: "kohya", DIFFUSERS_ALPHA: "comfyui", OFFICIAL_FUSED: "comfyui"}
+FILE_TAGS = {KOHYA: "kohya", DIFFUSERS_ALPHA: "comfyui", OFFICIAL_FUSED: "comfyui", KOHYA_FUSED: "kohya"}
 KOHYA_PREFIXES = {"unet": "lora_unet", "text_encoder": "lora_te", "text_encoder_2": "lora_te2"}
 OFFICIAL_PREFIX = "base_model.model."
 
@@ -106,16 +110,42 @@ def to_diffusers_alpha(tensors: dict, alphas: dict) -> dict:
     return result
 
 
+def fuse_members(members, loras: dict, where: str):
+    """One LoRA (down, up, alpha) on a fused layer from LoRAs on its members: members are (layer, part, parts, rows)
+    in the fused layer's row order, loras layer -> (A, B, alpha) for the trained ones. down stacks the trained
+    layers' A matrices, up puts each one's B rows at its members' rows and in its own columns (block-diagonal), so
+    up @ down is exactly the members' products one above the other; alpha is alpha / rank x the fused rank, keeping
+    the trained scale. An untrained member gets zero rows."""
+    import torch
+
+    present = [layer for layer in dict.fromkeys(member[0] for member in members) if layer in loras]
+    ranks = {loras[layer][0].shape[0] for layer in present}
+    scales = {loras[layer][2] / loras[layer][0].shape[0] for layer in present}
+    if len(ranks) != 1 or len(scales) != 1:
+        raise ValueError(f"{where}: its members have ranks {sorted(ranks)} and scales {sorted(scales)}; the "
+                         "fused form makes them one LoRA, which needs one rank and one alpha / rank")
+    down = torch.cat([loras[layer][0] for layer in present])
+    columns, offset = {}, 0
+    for layer in present:
+        columns[layer] = slice(offset, offset + loras[layer][0].shape[0])
+        offset += loras[layer][0].shape[0]
+    up = torch.zeros(sum(member[3] for member in members), down.shape[0], dtype=down.dtype)
+    row = 0
+    for layer, part, _, rows in members:
+        if layer in loras:
+            up[row:row + rows, columns[layer]] = loras[layer][1][part * rows:(part + 1) * rows]
+        row += rows
+    return down.contiguous(), up.contiguous(), scales.pop() * down.shape[0]
+
+
 def to_official_fused(tensors: dict, alphas: dict, fused_layers: dict, prefix: str = "transformer") -> dict:
     """diffusers-form LoRA tensors -> the original model's fused form under ``base_model.model.``; fused_layers maps
     a diffusers layer (in a block) to (original fused layer, position, members) (Family.lora_fused_layers).
-
-    A fused layer's LoRA stacks the members' down matrices (rank n*r) and puts their up matrices on the diagonal,
-    so its product is exactly the members' products one above the other; its alpha is n * alpha, keeping
-    alpha / rank. A member that was not trained gets zero rows."""
+    The members are fused by fuse_members (equal rows here)."""
     import torch
 
-    groups = {}  # official module -> {position: (A, B, alpha)}
+    groups = {}  # official module -> (count, {position: module})
+    loras = {}
     for module, pair in _modules(tensors).items():
         path = module.removeprefix(prefix + ".")
         match = re.fullmatch(r"(blocks\.\d+)\.(.+)", path)
@@ -124,27 +154,36 @@ def to_official_fused(tensors: dict, alphas: dict, fused_layers: dict, prefix: s
             target = f"{match.group(1)}.{fused}"
         else:  # a layer the official model names as diffusers does (lora.target_modules beyond attention)
             target, position, count = path, 0, 1
-        groups.setdefault(target, {"count": count})[position] = (pair["A"], pair["B"], alphas[module])
+        groups.setdefault(target, (count, {}))[1][position] = module
+        loras[module] = (pair["A"], pair["B"], alphas[module])
     result = {}
-    for target, members in groups.items():
-        count = members.pop("count")
-        ranks = {a.shape[0] for a, _, _ in members.values()}
-        scales = {alpha / a.shape[0] for a, _, alpha in members.values()}
-        if len(ranks) != 1 or len(scales) != 1:
-            raise ValueError(f"{target}: its members have ranks {sorted(ranks)} and scales {sorted(scales)}; the "
-                             "official form fuses them into one LoRA, which needs one rank and one alpha / rank")
-        out_features = next(iter(members.values()))[1].shape[0]
-        present = sorted(members)
-        down = torch.cat([members[p][0] for p in present])
-        up = torch.zeros(out_features * count, down.shape[0], dtype=down.dtype)
-        for column, position in enumerate(present):
-            rank = members[position][0].shape[0]
-            up[position * out_features:(position + 1) * out_features, column * rank:(column + 1) * rank] = \
-                members[position][1]
-        alpha = next(iter(members.values()))[2] * len(present)
-        result[f"{OFFICIAL_PREFIX}{target}.lora_A.weight"] = down.contiguous()
-        result[f"{OFFICIAL_PREFIX}{target}.lora_B.weight"] = up.contiguous()
+    for target, (count, positions) in groups.items():
+        out_features = loras[next(iter(positions.values()))][1].shape[0]
+        members = [(positions.get(p, f"{target}#{p}"), 0, 1, out_features) for p in range(count)]
+        down, up, alpha = fuse_members(members, loras, target)
+        result[f"{OFFICIAL_PREFIX}{target}.lora_A.weight"] = down
+        result[f"{OFFICIAL_PREFIX}{target}.lora_B.weight"] = up
         result[f"{OFFICIAL_PREFIX}{target}.alpha"] = torch.tensor(float(alpha))
+    return result
+
+
+def to_kohya_fused(tensors: dict, alphas: dict, family) -> dict:
+    """diffusers-form LoRA tensors (the denoiser's) -> kohya names of the original model's layers, fused as the
+    family plans (Family.lora_original_layers; FLUX: double_blocks.N.img_attn.qkv, single_blocks.N.linear1, ...)."""
+    import torch
+
+    prefix = family.denoiser
+    modules = _modules(tensors)
+    other = next((module for module in modules if not module.startswith(prefix + ".")), None)
+    if other is not None:
+        raise ValueError(f"{other}: only {prefix} layers have kohya names in {family.name}'s original form")
+    loras = {m.removeprefix(prefix + "."): (pair["A"], pair["B"], alphas[m]) for m, pair in modules.items()}
+    result = {}
+    for original, members in family.lora_original_layers({m: lora[1].shape[0] for m, lora in loras.items()}).items():
+        down, up, alpha = fuse_members(members, loras, original)
+        name = f"{KOHYA_PREFIXES['unet']}_{original.replace('.', '_')}"
+        result[f"{name}.lora_down.weight"], result[f"{name}.lora_up.weight"] = down, up
+        result[f"{name}.alpha"] = torch.tensor(float(alpha))
     return result
 
 
@@ -154,6 +193,8 @@ def to_form(form: str, tensors: dict, alphas: dict, family) -> dict:
         raise ValueError(f"LoRA export form {form!r}: use one of {', '.join(FORMS)}")
     if form == OFFICIAL_FUSED:
         return to_official_fused(tensors, alphas, family.lora_fused_layers, family.denoiser)
+    if form == KOHYA_FUSED:
+        return to_kohya_fused(tensors, alphas, family)
     return {KOHYA: to_kohya, DIFFUSERS_ALPHA: to_diffusers_alpha}[form](tensors, alphas)
 
 
@@ -184,9 +225,16 @@ def _module_path(kohya_path: str) -> str:
     return ".".join(parts)
 
 
-def from_kohya(tensors: dict) -> tuple[dict, dict]:
-    """kohya tensors -> (diffusers-form tensors, module -> alpha); a module without alpha gets alpha = rank."""
+def from_kohya(tensors: dict, family=None) -> tuple[dict, dict]:
+    """kohya tensors -> (diffusers-form tensors, module -> alpha); a module without alpha gets alpha = rank. With a
+    family whose kohya form is kohya_fused, lora_unet_ names are its original layers (Family.lora_original_members),
+    split exactly into its diffusers layers (synth.lora_formats.split_fused)."""
+    from synth.lora_formats import split_fused
+
+    fused = family is not None and family.lora_export_form == KOHYA_FUSED
     heads = {"lora_te1": "text_encoder", **{v: k for k, v in KOHYA_PREFIXES.items()}}
+    if fused:
+        heads["lora_unet"] = family.denoiser
     result, alphas = {}, {}
     for key, tensor in tensors.items():
         name, _, kind = key.partition(".")
@@ -196,11 +244,20 @@ def from_kohya(tensors: dict) -> tuple[dict, dict]:
         if head is None or f"{name}.lora_up.weight" not in tensors:
             raise ValueError(f"{key}: not a kohya LoRA name (lora_unet_/lora_te_/lora_te1_/lora_te2_ with "
                              "lora_down and lora_up)")
-        module = f"{heads[head]}.{_module_path(name[len(head) + 1:])}"
-        result[f"{module}.lora_A.weight"] = tensor
-        result[f"{module}.lora_B.weight"] = tensors[f"{name}.lora_up.weight"]
+        up = tensors[f"{name}.lora_up.weight"]
         alpha = tensors.get(f"{name}.alpha")
-        alphas[module] = float(alpha) if alpha is not None else float(tensor.shape[0])
+        alpha = float(alpha) if alpha is not None else float(tensor.shape[0])
+        members = family.lora_original_members(name[len(head) + 1:], up.shape[0]) if fused and head == "lora_unet" \
+            else None
+        if members is None:
+            module = f"{heads[head]}.{_module_path(name[len(head) + 1:])}"
+            result[f"{module}.lora_A.weight"], result[f"{module}.lora_B.weight"] = tensor, up
+            alphas[module] = alpha
+            continue
+        for layer, (a, b, layer_alpha) in split_fused(tensor, up, alpha, members).items():
+            module = f"{family.denoiser}.{layer}"
+            result[f"{module}.lora_A.weight"], result[f"{module}.lora_B.weight"] = a, b
+            alphas[module] = layer_alpha
     return result, alphas
 
 

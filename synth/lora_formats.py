@@ -17,7 +17,8 @@ diffusers' load_lora_weights loads diffusers files, and converts plain kohya LoR
 else (LoHa, LoKr, DoRA, kohya files for SD3/Kolors/Hunyuan-DiT, the official Hunyuan-DiT form, per-module alpha
 in diffusers names) has no loader in diffusers 0.42 or peft that takes these files, so synth fills the gap here:
 it computes each layer's delta by the format's formula and merges it into the weights at lora.scale (as A1111 and
-ComfyUI apply them). The pipeline cache keys on the LoRA files and scales (synth.loras.lora_key), and a pipeline
+ComfyUI apply them). For a family with Family.lora_renamed_for_diffusers (FLUX), plain LoRAs in other names are
+instead renamed into diffusers' layers here (split_fused) and handed to diffusers' loader, so they stay adapters. The pipeline cache keys on the LoRA files and scales (synth.loras.lora_key), and a pipeline
 is loaded fresh from disk for every new key, so merged weights are never reused without their LoRAs.
 
 Planning reads only the safetensors header (names and shapes): file keys pick no class, path or setting; they
@@ -91,9 +92,9 @@ def match_prefix(module_key: str, family) -> tuple[str, str, str] | None:
 
 
 def resolve(module_key: str, family, pipe, indexes: dict):
-    """The (component, layer, chunk, chunks) targets a file's module key patches, or None: the family rewrites its
-    original names (a fused qkv patches 3 layers, each one chunk of the rows); kohya names are looked up with
-    underscores, diffusers names as they are."""
+    """The (component, layer, part, parts) targets a file's module key patches, or None: the family rewrites its
+    original names (a fused qkv patches 3 layers, its rows theirs stacked; see Family.lora_module_targets); kohya
+    names are looked up with underscores, diffusers names as they are."""
     matched = match_prefix(module_key, family)
     if matched is None:
         return None
@@ -106,7 +107,7 @@ def resolve(module_key: str, family, pipe, indexes: dict):
     shapes, by_underscores = indexes[component]
     underscored = prefix.endswith("_")
     targets = []
-    for name, chunk, chunks in family.lora_module_targets(component, rest, underscored, model):
+    for name, part, parts in family.lora_module_targets(component, rest, underscored, model):
         # transformers 5 flattened CLIPTextModel (encoder...) but not CLIPTextModelWithProjection
         # (text_model.encoder...): files name either, so both spellings are tried
         separator = "_" if underscored else "."
@@ -115,7 +116,7 @@ def resolve(module_key: str, family, pipe, indexes: dict):
                       if n in (by_underscores if underscored else shapes)), None)
         if layer is None:
             return None
-        targets.append((component, layer, chunk, chunks))
+        targets.append((component, layer, part, parts))
     return targets or None
 
 
@@ -230,6 +231,29 @@ def merged_weight(weight, delta, dora_scale, scale: float):
         norm = norm.reshape(1, -1, *[1] * (patched.dim() - 2))
     magnitude = magnitude.reshape(norm.shape)
     return base + scale * (patched * (magnitude / norm) - base)
+
+
+def split_fused(down, up, alpha: float, members) -> dict:
+    """A LoRA on a fused layer (down (rank, in), up (rows, rank), alpha) as exact LoRAs on its members: members are
+    (layer, part, parts, rows) in the fused layer's row order (Family.lora_module_targets). Returns layer ->
+    (A, B, alpha) with each layer's product its rows of up @ down and alpha / rank kept; each takes only the columns
+    of up its rows use, so a block-diagonal fused LoRA (kohya's qkv) splits back into its members' own ranks, and
+    any other shares down."""
+    import torch
+
+    rank, start, layers = down.shape[0], 0, {}
+    for layer, part, parts, rows in members:
+        layers.setdefault(layer, [None] * parts)[part] = up[start:start + rows]
+        start += rows
+    out = {}
+    for layer, pieces in layers.items():
+        filled = next(piece for piece in pieces if piece is not None)
+        b = torch.cat([filled.new_zeros(filled.shape) if piece is None else piece for piece in pieces])
+        used = b.ne(0).any(dim=0)
+        if not used.any():  # an untrained (zero) member: kept whole, it adds nothing
+            used = torch.ones_like(used)
+        out[layer] = (down[used].contiguous(), b[:, used].contiguous(), alpha * int(used.sum()) / rank)
+    return out
 
 
 # --- name rewrites a family uses (its tables live in its module) ------------------------------------

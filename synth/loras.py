@@ -6,8 +6,9 @@ LoraConfig, so alpha != rank loads at the right scale), and synth's own ``synth_
 model, rank, alpha, the resolved training config). Loading uses diffusers' ``load_lora_weights`` where diffusers
 has a loader that reads the file, and peft directly for Hunyuan-DiT (diffusers has no Hunyuan-DiT LoRA loader);
 files made elsewhere that neither reads (kohya, LyCORIS LoHa/LoKr, DoRA, text-encoder layers, SD3's and
-Hunyuan-DiT's own names) are merged by their format's formula (synth.lora_formats). check_lora_fits decides which,
-from the file's header.
+Hunyuan-DiT's own names) are merged by their format's formula (synth.lora_formats), except that plain LoRAs in
+FLUX's BFL names are renamed by synth and then loaded by diffusers' loader. check_lora_fits decides which, from the
+file's header.
 
 The checks here read only the safetensors header, so importing this module does not import torch.
 """
@@ -243,8 +244,8 @@ def guess_family(keys, family) -> tuple[str, list[str]] | None:
 
 def check_lora_fits(path: str, pipe, family) -> dict:
     """Refuse a LoRA whose keys or shapes do not fit the pipeline, from the file's header alone, and plan how it
-    loads: {"route": "diffusers" | "peft" | "merge", "modules": [(parameters, targets, stored alpha), ...]}. Keys pick nothing
-    but names in tables of the model's own layers (synth.lora_formats)."""
+    loads: {"route": "diffusers" | "peft" | "renamed" | "merge", "modules": [(parameters, targets, stored alpha), ...]}.
+    Keys pick nothing but names in tables of the model's own layers (synth.lora_formats)."""
     from synth.lora_formats import KOHYA_UNET_PREFIX, delta_shape, group_keys, kind_of, resolve
 
     # 1. Every key is a parameter of a format synth reads
@@ -283,7 +284,7 @@ def check_lora_fits(path: str, pipe, family) -> dict:
             f"lora.path={path}: {what} a layer of this {family.name} model (e.g. {unresolved[0]!r}; {family.name} "
             f"has no layer of that name, its LoRA keys start with {prefixes}); the LoRA is for another model"
         )
-    # 3. Every delta has the layer's shape (a fused layer: its targets' rows stacked)
+    # 3. Every delta has the layer's shape (a fused layer: its targets' rows stacked, which may differ in count)
     for module_key, params, targets in modules:
         if kind_of(params) == "lora":
             down = shapes[params.get("lora_down.weight") or params["lora_A.weight"]]
@@ -292,10 +293,13 @@ def check_lora_fits(path: str, pipe, family) -> dict:
                 raise ValueError(f"lora.path={path}: layer {module_key!r} has down/A shape {down} and up/B shape "
                                  f"{up}, whose ranks differ; down is (rank, in) and up (out, rank)")
         rows, columns = delta_shape(params, shapes)
-        layer_shapes = [indexes[component][0][layer] for component, layer, _, _ in targets]
-        want_rows, want_columns = sum(s[0] for s in layer_shapes), math.prod(layer_shapes[0][1:])
-        if (rows, columns) != (want_rows, want_columns) or len({s[0] for s in layer_shapes}) != 1:
-            layer = targets[0][1] if len(targets) == 1 else "+".join(t[1] for t in targets)
+        layer_shapes = [(indexes[component][0][layer], parts) for component, layer, _, parts in targets]
+        want_rows = sum(shape[0] // parts for shape, parts in layer_shapes)
+        widths = {math.prod(shape[1:]) for shape, _ in layer_shapes}
+        if (rows, columns) != (want_rows, min(widths)) or len(widths) != 1 or any(
+                shape[0] % parts for shape, parts in layer_shapes):
+            layer = "+".join(dict.fromkeys(target[1] for target in targets))
+            want_columns = min(widths)
             raise ValueError(
                 f"lora.path={path}: layer {module_key!r} makes a {rows} x {columns} change, which does not fit this "
                 f"{family.name} model's {layer!r} ({want_rows} x {want_columns}); the LoRA is for another model "
@@ -305,6 +309,10 @@ def check_lora_fits(path: str, pipe, family) -> dict:
     params_used = set().union(*(set(params) for params in groups.values()))
     dotted = all(key.split(".")[0] == targets[0][0] for key, _, targets in modules)
     only_denoiser = {targets[0][0] for _, _, targets in modules} == {family.denoiser}
+    layers = [layer for _, _, targets in modules for layer in {target[:2] for target in targets}]
+    renamable = (family.lora_renamed_for_diffusers and not family.peft_loaded and only_denoiser
+                 and params_used <= {"lora_down.weight", "lora_up.weight", "lora_A.weight", "lora_B.weight", "alpha"}
+                 and len(layers) == len(set(layers)))  # one file module per layer: its adapter holds it whole
     # Denoiser layers only: diffusers 0.42 injects no text-encoder LoRA into transformers 5's CLIP (it warns and
     # drops them, in diffusers' and kohya's names alike), so files with text-encoder layers are merged by synth.
     if params_used <= {"lora_A.weight", "lora_B.weight", "lora_magnitude_vector"} and dotted and only_denoiser:
@@ -315,6 +323,8 @@ def check_lora_fits(path: str, pipe, family) -> dict:
     elif (family.kohya_in_diffusers and params_used <= {"lora_down.weight", "lora_up.weight", "alpha"}
           and all(key.startswith(KOHYA_UNET_PREFIX) for key in groups)):
         route = "diffusers"
+    elif renamable:
+        route = "renamed"  # synth renames (and splits fused layers), diffusers' loader loads: see renamed_lora
     else:
         route = "merge"
     stored = stored_alphas(header)
@@ -380,7 +390,8 @@ def load_peft_lora(model, path: str, prefix: str, adapter_name: str) -> None:
 
 def merge_lora(pipe, path: str, scale: float, modules) -> None:
     """Merge one LoRA file into the pipeline's weights at scale, each layer's delta by its format's formula
-    (synth.lora_formats), for the files no diffusers or peft loader reads."""
+    (synth.lora_formats), for the files no diffusers or peft loader reads. A fused layer's targets are merged as the
+    one layer the file was trained on (their rows stacked), so that DoRA's norms run over the whole fused weight."""
     import torch
     from safetensors.torch import load_file
 
@@ -389,22 +400,47 @@ def merge_lora(pipe, path: str, scale: float, modules) -> None:
     tensors = load_file(path)
     with torch.no_grad():
         for params, targets, default_alpha in modules:
-            layers = []
-            for component, name, _, _ in targets:
+            pieces = []  # (weight, its rows in the fused layer), in the file's row order
+            for component, name, part, parts in targets:
                 layer = getattr(pipe, component).get_submodule(name)
-                layers.append(getattr(layer, "base_layer", layer))  # under a peft adapter: the weights it wraps
-            first = layers[0].weight
-            delta = compute_delta(tensors, params, (first.shape[0] * len(layers), *first.shape[1:]), default_alpha)
+                weight = getattr(layer, "base_layer", layer).weight  # under a peft adapter: the weights it wraps
+                rows = weight.shape[0] // parts
+                pieces.append((weight, slice(part * rows, (part + 1) * rows)))
+            fused = torch.cat([weight[rows] for weight, rows in pieces])
+            delta = compute_delta(tensors, params, fused.shape, default_alpha)
             magnitude_key = params.get("dora_scale") or params.get("lora_magnitude_vector")
-            magnitude = tensors[magnitude_key] if magnitude_key else None
-            for (_, _, chunk, chunks), layer, part in zip(targets, layers, delta.chunk(len(layers))):
-                dora = magnitude
-                if magnitude is not None and chunks > 1:
-                    dora = magnitude.chunk(chunks)[chunk] if magnitude.shape[0] == delta.shape[0] else magnitude
-                weight = layer.weight
-                new = merged_weight(weight, part.to(weight.device), None if dora is None else dora.to(weight.device),
-                                    scale)
-                weight.copy_(new.to(weight.dtype))
+            magnitude = tensors[magnitude_key].to(fused.device) if magnitude_key else None
+            new = merged_weight(fused, delta.to(fused.device), magnitude, scale)
+            start = 0
+            for weight, rows in pieces:
+                count = rows.stop - rows.start
+                weight[rows] = new[start:start + count].to(weight.dtype)
+                start += count
+
+
+def renamed_lora(pipe, path: str, modules, prefix: str) -> tuple[dict, dict]:
+    """A plain LoRA file in other names (kohya's, the original model's) as diffusers-form tensors
+    (<prefix>.<layer>.lora_A/B.weight) and each layer's alpha, fused layers split exactly by their targets' rows
+    (synth.lora_formats.split_fused), for diffusers' loader."""
+    from safetensors.torch import load_file
+
+    from synth.lora_formats import split_fused
+
+    tensors = load_file(path)
+    out, alphas = {}, {}
+    for params, targets, default_alpha in modules:
+        down = tensors[params.get("lora_down.weight") or params["lora_A.weight"]]
+        up = tensors[params.get("lora_up.weight") or params["lora_B.weight"]]
+        alpha = (float(tensors[params["alpha"]].float().reshape(-1)[0]) if "alpha" in params
+                 else float(default_alpha) if default_alpha is not None else float(down.shape[0]))
+        members = []
+        for component, name, part, parts in targets:
+            layer = getattr(pipe, component).get_submodule(name)
+            members.append((name, part, parts, getattr(layer, "base_layer", layer).weight.shape[0] // parts))
+        for name, (a, b, layer_alpha) in split_fused(down.flatten(1), up.flatten(1), alpha, members).items():
+            out[f"{prefix}.{name}.lora_A.weight"], out[f"{prefix}.{name}.lora_B.weight"] = a, b
+            alphas[f"{prefix}.{name}"] = layer_alpha
+    return out, alphas
 
 
 def load_loras(pipe, family, lora_cfg) -> None:
@@ -425,6 +461,13 @@ def load_loras(pipe, family, lora_cfg) -> None:
             continue
         if plan["route"] == "peft":
             load_peft_lora(model, path, denoiser_prefix(family), name)
+        elif plan["route"] == "renamed":
+            from synth.lora_export import peft_config
+
+            prefix = denoiser_prefix(family)
+            tensors, alphas = renamed_lora(pipe, path, plan["modules"], prefix)
+            config = {f"{prefix}.{key}": value for key, value in peft_config(tensors, alphas, prefix).items()}
+            model.load_lora_adapter(tensors, prefix=prefix, metadata=config, adapter_name=name)
         else:
             # Through the text-to-image pipeline: KolorsImg2ImgPipeline.load_lora_weights fails in diffusers 0.42
             # (it looks for text_encoder_2); image-to-image shares these layers through from_pipe.

@@ -65,9 +65,10 @@ def load_pipeline(model_cfg: DictConfig, device: torch.device, dtype: torch.dtyp
     kwargs = {"dtype": dtype, **family.load_kwargs(model_cfg)}
     path = str(model_cfg.path)
     log.info("loading %s pipeline from %s (%s, %s)", family.name, path, device, str(dtype).removeprefix("torch."))
+
     def load():
         if is_single_file(path):
-            return cls.from_single_file(str(Path(path).expanduser()), config=model_cfg.single_file_config, **kwargs)
+            return family.load_single_file(cls, str(Path(path).expanduser()), model_cfg, kwargs)
         if model_cfg.get("variant"):
             kwargs["variant"] = model_cfg.variant
         if Path(path).expanduser().exists():

@@ -79,15 +79,19 @@ def ensure_twin(family: str, out_dir: str | Path, preset: str = "tiny", options:
 
 
 def ensure_model_twin(model_cfg) -> None:
-    """Build the twin a model config names (model.twin: family, preset, options) into model.path, if it has one."""
+    """Build the twin a model config names (model.twin: family, preset, options) into model.path, if it has one
+    (into model.single_file_config when model.path is a single-file checkpoint: the twin gives its components)."""
     twin = model_cfg.get("twin")
     if not twin:
         return
     from omegaconf import OmegaConf
 
+    from synth.config import is_single_file
+
     options = twin.get("options")
     options = OmegaConf.to_container(options) if OmegaConf.is_config(options) else options
-    ensure_twin(twin.family, model_cfg.path, preset=twin.preset, options=options)
+    folder = model_cfg.single_file_config if is_single_file(str(model_cfg.path)) else model_cfg.path
+    ensure_twin(twin.family, folder, preset=twin.preset, options=options)
 
 
 def build_in_place(out_dir: str | Path, marker: str, build) -> Path:

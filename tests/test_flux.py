@@ -60,7 +60,6 @@ def test_true_cfg_with_a_negative_prompt_changes_the_image(tmp_path, base):
     (["model.true_cfg_scale=0.5"], "model.true_cfg_scale=0.5: must be a finite number >= 1"),
     (["model.max_sequence_length=600"], "flux takes 1..512 tokens"),
     (["scheduler=euler"], "scheduler=euler does not fit flux"),
-    (["model=flux_schnell", "model.path=/tmp/flux.safetensors"], "flux has no single-file format"),
     (["controlnet=tile", "size=128"], "model family flux has none"),
 ])
 def test_refusals(overrides, message):
@@ -162,6 +161,15 @@ def test_lora_training_with_validation_and_resume_then_inference(tmp_path, one_t
         torch.testing.assert_close(actual[key], expected[key], rtol=0, atol=0, msg=key)
     with_lora = generate(tmp_path / "lora", "model=tiny_flux", f"lora.path={whole.lora_path}")
     assert np.abs(with_lora - base).max() > 2
+
+
+def test_training_t5_length_is_the_models_inference_length():
+    """objective.max_sequence_length follows model.max_sequence_length ([dev] 512, [schnell] 256) unless set."""
+    assert compose_train(["model=tiny_flux"]).objective.max_sequence_length == 512
+    assert compose_train(["model=tiny_flux_schnell"]).objective.max_sequence_length == 256
+    assert compose_train(["model=tiny_flux", "model.max_sequence_length=128"]).objective.max_sequence_length == 128
+    assert compose_train(["model=tiny_flux", "objective.max_sequence_length=64"]).objective.max_sequence_length == 64
+    assert compose_train(["model=tiny_sd15"]).objective.max_sequence_length is None  # no T5
 
 
 def test_training_objective_feeds_devs_guidance_embedding_and_unpacks():

@@ -28,7 +28,7 @@ class Family:
     img2img: str  # "module:Class" of the image-to-image pipeline
     controlnet_img2img: str | None = None  # "module:Class" of image-to-image with a ControlNet (highres refinement)
     size_step: int = 8  # width and height must be multiples of this: VAE factor 8 x the DiT patch size
-    single_file: bool = False  # whether diffusers can load a civitai-style single-file checkpoint
+    single_file: bool = False  # whether the family loads a single-file checkpoint (load_single_file)
     denoiser: str = "unet"  # the pipeline attribute holding the denoiser, and its LoRA state-dict prefix
     prediction: str = NOISE  # NOISE or FLOW: which schedulers fit (conf/scheduler/*.yaml `fits:`)
     objective: str  # "module:Class" of the training objective (a synth.train.objectives subclass)
@@ -77,6 +77,11 @@ class Family:
         """Extra from_pretrained arguments the family needs."""
         return {}
 
+    def load_single_file(self, cls, path: str, model_cfg, kwargs: dict):
+        """The text-to-image pipeline from a single-file checkpoint: diffusers' from_single_file, with the
+        components' configs from model.single_file_config."""
+        return cls.from_single_file(path, config=model_cfg.single_file_config, **kwargs)
+
     def call_kwargs(self, model_cfg, task: str, width: int, height: int) -> dict:
         """Extra pipeline-call arguments the family needs (height/width for text-to-image)."""
         return {"width": width, "height": height} if task == "text2img" else {}
@@ -118,6 +123,9 @@ class Family:
 
     # LoRA import
     kohya_in_diffusers: bool = False  # diffusers' load_lora_weights converts this family's plain kohya LoRA files
+    # plain LoRAs in other names (kohya's, the original model's, per-module alpha) are renamed into diffusers' by
+    # synth and then loaded by diffusers' loader (switchable adapters), instead of merged
+    lora_renamed_for_diffusers: bool = False
     lora_markers: tuple[str, ...] = ()  # key fragments typical of LoRA files made for this family (to name it)
 
     @property
@@ -130,9 +138,11 @@ class Family:
         )
 
     def lora_module_targets(self, component: str, name: str, underscored: bool, model) -> list[tuple[str, int, int]]:
-        """The (layer name, chunk, chunks) a LoRA file's module name patches in the component: the name itself
-        by default; a family rewrites its original checkpoint names, and splits a fused layer (qkv) into its
-        diffusers layers, each taking one chunk of the delta's rows."""
+        """The (layer name, part, parts) members a LoRA file's module name patches in the component: the name
+        itself by default; a family rewrites its original checkpoint names, and splits a fused layer (qkv) into its
+        diffusers layers: the fused layer's rows are its members' rows stacked in order, a member being the
+        part-th of its layer's rows cut in `parts` equal blocks ((layer, 0, 1): the whole layer). Members may have
+        different row counts (FLUX's linear1: q, k, v, then the 4x wider proj_mlp)."""
         return [(name, 0, 1)]
 
     # LoRA export
@@ -140,3 +150,13 @@ class Family:
     ss_base_model_version: str = ""  # kohya sd-scripts' ss_base_model_version (A1111's extra-networks panel)
     modelspec_architecture: str = ""  # SAI model spec architecture ("<this>/lora" in modelspec.architecture)
     lora_fused_layers: dict = {}  # "official_fused" form: diffusers layer -> (original fused layer, position, members)
+
+    def lora_original_layers(self, modules: dict) -> dict:
+        """The "kohya_fused" form's plan: original layer -> its members (diffusers module, part, parts, rows) in
+        row order, for the LoRA's modules (diffusers module without prefix -> its rows)."""
+        raise ValueError(f"{self.name}: no kohya form in the original model's names")
+
+    def lora_original_members(self, name: str, rows: int) -> list[tuple[str, int, int, int]] | None:
+        """The kohya_fused form read back: the (diffusers module, part, parts, rows) members of an original layer's
+        kohya name (without lora_unet_) whose LoRA has `rows` rows, or None for a name of no original layer."""
+        return None

@@ -15,14 +15,15 @@ position ids of its own rows and columns, and packed again.
 
 from __future__ import annotations
 
+import re
+from functools import lru_cache
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 from synth.families.base import FLOW, Family
 from synth.train.objectives import FlowMatching
 
 if TYPE_CHECKING:
-    from pathlib import Path
-
     from synth.twin_parts import TwinSize
 
 PATCH = 2  # FLUX packs 2x2 latent pixels into one token
@@ -33,7 +34,7 @@ class Flux(Family):
     text2img = "diffusers:FluxPipeline"
     img2img = "diffusers:FluxImg2ImgPipeline"
     size_step = 16  # VAE factor 8 x the 2x2 packing (FluxPipeline's vae_scale_factor * 2)
-    single_file = False  # diffusers reads BFL-format single files; synth cannot write one for the twins to test it
+    single_file = True  # BFL's transformer-only files (flux1-dev.safetensors), read by load_single_file
     denoiser = "transformer"
     prediction = FLOW
     objective = "synth.families.flux:Objective"
@@ -96,13 +97,262 @@ class Flux(Family):
     # Forge writes FLUX's embedded guidance as "Distilled CFG Scale" and the true CFG as "CFG scale"
     a1111_guidance_fields = {"CFG scale": "model.true_cfg_scale", "Distilled CFG Scale": "guidance_scale"}
 
-    # LoRA import (diffusers/peft files through diffusers' Flux loader; files with CLIP-L layers are merged by synth)
-    lora_markers = ("double_blocks_", "single_blocks_", "single_transformer_blocks")  # BFL names: kohya's FLUX LoRAs
+    def load_single_file(self, cls, path: str, model_cfg, kwargs: dict):
+        """A BFL-layout transformer file (flux1-dev.safetensors) with the other components from
+        model.single_file_config (see load_bfl_transformer for why synth converts it itself)."""
+        transformer = load_bfl_transformer(path, str(model_cfg.single_file_config), kwargs["dtype"])
+        local = {"use_safetensors": True} if Path(str(model_cfg.single_file_config)).expanduser().exists() else {}
+        return cls.from_pretrained(str(model_cfg.single_file_config), transformer=transformer, **local, **kwargs)
 
-    # LoRA export
-    lora_export_form = "diffusers_alpha"  # diffusers keys + per-module alpha: ComfyUI maps diffusers' Flux keys
+    # LoRA import: diffusers/peft files through diffusers' Flux loader; kohya / ComfyUI files in BFL's names are
+    # renamed (BFL_* tables) and then loaded by diffusers' loader too; DoRA, LoHa/LoKr and text-encoder layers merge.
+    lora_markers = ("double_blocks", "single_blocks", "single_transformer_blocks")  # BFL names: kohya's FLUX LoRAs
+    lora_renamed_for_diffusers = True
+
+    @property
+    def lora_prefixes(self):
+        # kohya sd-scripts' FLUX LoRAs: lora_unet_ (BFL names), lora_te1_ (CLIP-L), lora_te3_ (T5; lora_te2_ in its
+        # first FLUX releases); ComfyUI's: diffusion_model. (BFL names), text_encoders.clip_l/t5xxl.transformer.
+        return (*super().lora_prefixes, ("diffusion_model.", self.denoiser), ("lora_te2_", "text_encoder_2"),
+                ("lora_te3_", "text_encoder_2"), ("text_encoder_2.", "text_encoder_2"),
+                ("text_encoders.clip_l.transformer.", "text_encoder"),
+                ("text_encoders.t5xxl.transformer.", "text_encoder_2"))
+
+    def lora_module_targets(self, component, name, underscored, model):
+        """BFL's names (double_blocks.N.img_attn.qkv, single_blocks.N.linear1, final_layer.linear, ...; kohya's with
+        "_" for ".") as diffusers' layers: a fused layer's rows are its members' rows stacked (linear1: q, k, v of
+        inner rows each, then proj_mlp's 4 x inner). Other names are diffusers' own."""
+        members = bfl_members(name, underscored) if component == self.denoiser else None
+        if members is None:
+            return [(name, 0, 1)]
+        separator = "_" if underscored else "."
+        return [(layer.replace(".", separator), part, parts) for layer, part, parts in members]
+
+    # LoRA export: lora.kohya.safetensors in BFL's names (kohya sd-scripts' FLUX LoRAs, civitai's), which ComfyUI and
+    # diffusers' Flux loader read; lora.comfyui.safetensors is not written (ComfyUI reads the kohya file).
+    lora_export_form = "kohya_fused"
     ss_base_model_version = "flux1"  # what sd-scripts' FLUX branch writes
     modelspec_architecture = "flux-1-dev"
+
+    def lora_original_layers(self, modules) -> dict:
+        """The kohya_fused form's plan: BFL module -> its members (diffusers module, part, parts, rows) in row order,
+        for the BFL modules the LoRA's modules (diffusers module -> its rows) belong to. A member the LoRA does not
+        train gets its rows from the others (FLUX's projections are all inner rows, proj_mlp MLP_RATIO x)."""
+        plan = {}
+        for module in modules:
+            original = bfl_name(module)
+            if original is None:
+                raise ValueError(f"{module}: FLUX's original (BFL) model has no layer for it; the LoRA cannot be "
+                                 "written in kohya's FLUX names")
+            if original in plan:
+                continue
+            members = bfl_members(original, underscored=False)
+            unit = next(modules[layer] // parts // member_weight(layer) for layer, _, parts in members if layer in modules)
+            plan[original] = [(layer, part, parts, unit * member_weight(layer)) for layer, part, parts in members]
+        return plan
+
+    def lora_original_members(self, name, rows):
+        """A kohya BFL name's members with their rows, from the LoRA's rows (q, k, v: 1 unit each, proj_mlp 4)."""
+        members = bfl_members(name, underscored=True)
+        if members is None:
+            return None
+        unit = rows // sum(member_weight(layer) for layer, _, _ in members)
+        return [(layer, part, parts, unit * member_weight(layer)) for layer, part, parts in members]
+
+
+# --- BFL's names (black-forest-labs/flux, ComfyUI, kohya's FLUX LoRAs): one table for LoRA files, the kohya export
+# and single-file checkpoints. A BFL layer's rows are its diffusers members' rows stacked in this order; a member is
+# a diffusers layer, or (layer, part, parts): the part-th of its rows cut in `parts` equal blocks. Each table is
+# diffusers' convert_flux_transformer_checkpoint_to_diffusers (loaders/single_file_utils.py), read as names. ---
+
+BFL_DOUBLE = {  # double_blocks.<i>.<this> -> transformer_blocks.<i>.<members>
+    "img_attn.qkv": ("attn.to_q", "attn.to_k", "attn.to_v"),
+    "txt_attn.qkv": ("attn.add_q_proj", "attn.add_k_proj", "attn.add_v_proj"),
+    "img_attn.proj": ("attn.to_out.0",), "txt_attn.proj": ("attn.to_add_out",),
+    "img_mlp.0": ("ff.net.0.proj",), "img_mlp.2": ("ff.net.2",),
+    "txt_mlp.0": ("ff_context.net.0.proj",), "txt_mlp.2": ("ff_context.net.2",),
+    "img_mod.lin": ("norm1.linear",), "txt_mod.lin": ("norm1_context.linear",),  # shift, scale, gate x 2 in both
+    "img_attn.norm.query_norm": ("attn.norm_q",), "img_attn.norm.key_norm": ("attn.norm_k",),
+    "txt_attn.norm.query_norm": ("attn.norm_added_q",), "txt_attn.norm.key_norm": ("attn.norm_added_k",),
+}
+BFL_SINGLE = {  # single_blocks.<i>.<this> -> single_transformer_blocks.<i>.<members>
+    "linear1": ("attn.to_q", "attn.to_k", "attn.to_v", "proj_mlp"),  # inner, inner, inner, MLP_RATIO x inner rows
+    "linear2": ("proj_out",), "modulation.lin": ("norm.linear",),
+    "norm.query_norm": ("attn.norm_q",), "norm.key_norm": ("attn.norm_k",),
+}
+BFL_TOP = {
+    "img_in": ("x_embedder",), "txt_in": ("context_embedder",),
+    "time_in.in_layer": ("time_text_embed.timestep_embedder.linear_1",),
+    "time_in.out_layer": ("time_text_embed.timestep_embedder.linear_2",),
+    "vector_in.in_layer": ("time_text_embed.text_embedder.linear_1",),
+    "vector_in.out_layer": ("time_text_embed.text_embedder.linear_2",),
+    "guidance_in.in_layer": ("time_text_embed.guidance_embedder.linear_1",),
+    "guidance_in.out_layer": ("time_text_embed.guidance_embedder.linear_2",),
+    "final_layer.linear": ("proj_out",),
+    # BFL's final adaLN gives (shift, scale), diffusers' AdaLayerNormContinuous (scale, shift)
+    "final_layer.adaLN_modulation.1": (("norm_out.linear", 1, 2), ("norm_out.linear", 0, 2)),
+}
+BLOCKS = (("double_blocks", "transformer_blocks", BFL_DOUBLE), ("single_blocks", "single_transformer_blocks", BFL_SINGLE))
+MLP_RATIO = 4  # FluxTransformer2DModel's single blocks: proj_mlp has 4 x inner rows (not in its config)
+BFL_NORM_SUFFIX = "_norm"  # BFL's RMSNorms (query_norm, key_norm) store "scale" where diffusers' store "weight"
+
+
+def _members(members) -> tuple[tuple[str, int, int], ...]:
+    return tuple(member if isinstance(member, tuple) else (member, 0, 1) for member in members)
+
+
+@lru_cache(maxsize=None)
+def _lookups():
+    """The tables keyed by BFL name (dotted and kohya's underscored) and inverted, by diffusers module."""
+    by_name = {False: {}, True: {}}
+    for table in (BFL_TOP, BFL_DOUBLE, BFL_SINGLE):
+        for name in table:
+            by_name[False][(id(table), name)] = name
+            by_name[True][(id(table), name.replace(".", "_"))] = name
+    inverse = {id(table): {layer: name for name, members in table.items() for layer, _, _ in _members(members)}
+               for table in (BFL_TOP, BFL_DOUBLE, BFL_SINGLE)}
+    return by_name, inverse
+
+
+def bfl_members(name: str, underscored: bool) -> tuple[tuple[str, int, int], ...] | None:
+    """The diffusers members (layer, part, parts) of a BFL layer name (kohya's form when underscored), or None."""
+    by_name, _ = _lookups()
+    separator = "_" if underscored else "."
+    match = re.fullmatch(rf"(double_blocks|single_blocks){re.escape(separator)}(\d+){re.escape(separator)}(.+)", name)
+    if match is None:
+        original = by_name[underscored].get((id(BFL_TOP), name))
+        return None if original is None else _members(BFL_TOP[original])
+    kind, block, inner = match.groups()
+    _, diffusers_block, table = next(entry for entry in BLOCKS if entry[0] == kind)
+    original = by_name[underscored].get((id(table), inner))
+    if original is None:
+        return None
+    return tuple((f"{diffusers_block}.{block}.{layer}", part, parts) for layer, part, parts in _members(table[original]))
+
+
+def bfl_name(module: str) -> str | None:
+    """The BFL layer (dotted) a diffusers module of FluxTransformer2DModel belongs to, or None."""
+    _, inverse = _lookups()
+    for kind, diffusers_block, table in BLOCKS:
+        match = re.fullmatch(rf"{diffusers_block}\.(\d+)\.(.+)", module)
+        if match and match.group(2) in inverse[id(table)]:
+            return f"{kind}.{match.group(1)}.{inverse[id(table)][match.group(2)]}"
+    return inverse[id(BFL_TOP)].get(module)
+
+
+def member_weight(layer: str) -> int:
+    """A fused layer's member rows in units of one attention projection's."""
+    return MLP_RATIO if layer.endswith("proj_mlp") else 1
+
+
+def bfl_layer_names(num_layers: int, num_single_layers: int) -> list[str]:
+    """Every BFL layer of a transformer with these block counts (the guidance embedder's included)."""
+    names = list(BFL_TOP)
+    for (kind, _, table), count in zip(BLOCKS, (num_layers, num_single_layers)):
+        names += [f"{kind}.{block}.{name}" for block in range(count) for name in table]
+    return names
+
+
+def _parameters(original: str) -> tuple[tuple[str, str], ...]:
+    """(BFL parameter, diffusers parameter) pairs of a BFL layer."""
+    return (("scale", "weight"),) if original.endswith(BFL_NORM_SUFFIX) else (("weight", "weight"), ("bias", "bias"))
+
+
+def to_bfl_state_dict(state_dict: dict, num_layers: int, num_single_layers: int) -> dict:
+    """A FluxTransformer2DModel state dict in BFL's layout (as flux1-dev.safetensors holds it): the inverse of
+    diffusers' convert_flux_transformer_checkpoint_to_diffusers. Every tensor is placed, or this raises."""
+    import torch
+
+    out, used = {}, set()
+    for original in bfl_layer_names(num_layers, num_single_layers):
+        for bfl_param, param in _parameters(original):
+            pieces = []
+            for layer, part, parts in bfl_members(original, underscored=False):
+                key = f"{layer}.{param}"
+                if key not in state_dict:
+                    break
+                rows = state_dict[key].shape[0] // parts
+                pieces.append(state_dict[key][part * rows:(part + 1) * rows])
+                used.add(key)
+            else:
+                out[f"{original}.{bfl_param}"] = torch.cat(pieces).contiguous()
+    left = sorted(set(state_dict) - used)
+    if left:
+        raise ValueError(f"{left[0]}: no BFL name for this FLUX transformer weight ({len(left)} left over)")
+    return out
+
+
+def from_bfl_state_dict(checkpoint: dict, shapes: dict, num_layers: int, num_single_layers: int, where: str) -> dict:
+    """A BFL-layout FLUX transformer checkpoint (keys bare or under model.diffusion_model.) as diffusers'
+    FluxTransformer2DModel state dict of the given shapes: fused layers split by their members' rows. A tensor
+    of no BFL layer, a missing one or a wrong shape is refused, naming it."""
+    tensors = {key.removeprefix("model.diffusion_model."): value for key, value in checkpoint.items()}
+    out, used = {}, set()
+    for original in bfl_layer_names(num_layers, num_single_layers):
+        for bfl_param, param in _parameters(original):
+            key = f"{original}.{bfl_param}"
+            members = bfl_members(original, underscored=False)
+            if f"{members[0][0]}.{param}" not in shapes:
+                continue  # [schnell] has no guidance embedder
+            if key not in tensors:
+                raise ValueError(f"{where}: has no tensor {key!r}; it is not a FLUX.1 transformer of this config's "
+                                 f"size ({num_layers} double, {num_single_layers} single blocks)")
+            tensor, start = tensors[key], 0
+            used.add(key)
+            rows = [shapes[f"{layer}.{param}"][0] // parts for layer, _, parts in members]
+            if tensor.shape[0] != sum(rows):
+                raise ValueError(f"{where}: tensor {key!r} has shape {tuple(tensor.shape)}, which does not fit this "
+                                 f"config's transformer ({sum(rows)} rows); model.single_file_config is for another "
+                                 "model size")
+            for (layer, part, parts), count in zip(members, rows):
+                out.setdefault(f"{layer}.{param}", [None] * parts)[part] = tensor[start:start + count]
+                start += count
+    left = sorted(set(tensors) - used)
+    if left:
+        raise ValueError(f"{where}: {len(left)} tensors are not FLUX.1 transformer weights in BFL's layout (e.g. "
+                         f"{left[0]!r}); synth reads transformer-only files such as flux1-dev.safetensors, with the "
+                         "VAE and text encoders from model.single_file_config")
+    import torch
+
+    return {key: parts[0] if len(parts) == 1 else torch.cat(parts) for key, parts in out.items()}
+
+
+def load_bfl_transformer(path: str, config: str, dtype):
+    """FluxTransformer2DModel from a BFL-layout file, with its config from the diffusers folder or hub id `config`.
+
+    diffusers' FluxTransformer2DModel.from_single_file converts BFL files with FLUX.1's width written in
+    (convert_flux_transformer_checkpoint_to_diffusers splits linear1 at 3072 rows), so it reads no transformer of
+    another width; synth converts with the config's own shapes (the BFL_* tables) and hands diffusers' loader the
+    converted state dict, which it loads as it is."""
+    import torch
+    from diffusers import FluxTransformer2DModel
+    from safetensors import safe_open
+
+    model_config = FluxTransformer2DModel.load_config(config, subfolder="transformer")
+    with torch.device("meta"):
+        shapes = {key: tuple(value.shape) for key, value in
+                  FluxTransformer2DModel.from_config(model_config).state_dict().items()}
+    with safe_open(path, framework="pt") as file:
+        checkpoint = {key: file.get_tensor(key) for key in file.keys()}
+    state_dict = from_bfl_state_dict(checkpoint, shapes, model_config["num_layers"], model_config["num_single_layers"],
+                                     f"model.path={path}")
+    return FluxTransformer2DModel.from_single_file(state_dict, config=config, subfolder="transformer",
+                                                   torch_dtype=dtype)
+
+
+def save_single_file_flux(twin_dir: str | Path, out_file: str | Path) -> Path:
+    """Write a FLUX folder's transformer as one BFL-layout .safetensors file (what flux1-dev.safetensors holds),
+    for model.path=<file> model.single_file_config=<the folder>."""
+    from diffusers import FluxTransformer2DModel
+    from safetensors.torch import save_file
+
+    transformer = FluxTransformer2DModel.from_pretrained(twin_dir, subfolder="transformer")
+    tensors = to_bfl_state_dict(transformer.state_dict(), transformer.config.num_layers,
+                                transformer.config.num_single_layers)
+    out_file = Path(out_file)
+    out_file.parent.mkdir(parents=True, exist_ok=True)
+    save_file(tensors, out_file, metadata={"format": "pt"})
+    return out_file
 
 
 def tiled_forward(model, original, settings, stats, hidden_states, *args, img_ids=None, **kwargs):

@@ -49,7 +49,7 @@ class HunyuanDiT(Family):
         if match is None or match.group(2) not in HUNYUAN_LAYERS:
             return [(name, 0, 1)]
         targets = HUNYUAN_LAYERS[match.group(2)]
-        return [(f"blocks.{match.group(1)}.{target}", chunk, len(targets)) for chunk, target in enumerate(targets)]
+        return [(f"blocks.{match.group(1)}.{target}", 0, 1) for target in targets]
 
     # LoRA export
     lora_export_form = "official_fused"  # base_model.model.<fused original layers>: ComfyUI's Hunyuan-DiT form

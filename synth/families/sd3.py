@@ -154,7 +154,7 @@ class SD3(Family):
         targets = MMDIT_LAYERS[stream].get(layer)
         if targets is None:
             return []
-        return [(f"transformer_blocks_{block}_{target}", chunk, len(targets)) for chunk, target in enumerate(targets)]
+        return [(f"transformer_blocks_{block}_{target}", 0, 1) for target in targets]
 
     # LoRA export
     lora_export_form = "diffusers_alpha"  # diffusers keys + per-module alpha: ComfyUI reads them at alpha / rank
