@@ -302,6 +302,9 @@ def start(overrides: list[str], run_dir: Path, port: int) -> tuple:
         del cfg["hydra"]
         cfg.output_dir = str(run_dir)
     check_ui(cfg.ui)
+    from synth.accel import check_accel_on_device
+
+    check_accel_on_device(cfg)
     os.environ["GRADIO_TEMP_DIR"] = str(Path(run_dir) / ".gradio")
     generator = Generator(cfg, list(overrides), Path(run_dir), choices)
     demo = build(generator)
