@@ -14,11 +14,9 @@ TEXT_KEYS = ("prompt", "negative_prompt")  # taken as typed: commas, quotes, any
 def main(cfg: DictConfig) -> None:
     from pathlib import Path
 
-    from synth.ui_requests import check_ui
+    from synth.ui_requests import check_accel_on_device, check_ui
 
     run_task(lambda c: check_ui(c.ui), cfg)  # an unsafe host is refused in one line before Gradio loads (seconds)
-    from synth.accel import check_accel_on_device
-
     run_task(check_accel_on_device, cfg)  # accel options this device cannot run: refused before the page starts
     from synth.ui import serve
 

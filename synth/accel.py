@@ -125,14 +125,6 @@ def check_accel(cfg, device, dtype) -> None:
                              f"{capability[0]}.{capability[1]}: use int8_weight_only or int8_dynamic")
 
 
-def check_accel_on_device(cfg) -> None:
-    """check_accel on the device and dtype cfg resolves to (ui.py's start, before any request loads weights)."""
-    from synth import pipelines
-
-    device = pipelines.resolve_device(cfg.device)
-    check_accel(cfg, device, pipelines.resolve_dtype(cfg.dtype, device, cfg.model))
-
-
 def check_attention(name: str, device_type: str, dtype) -> None:
     """A backend diffusers knows, whose package is installed, that runs on this device and dtype."""
     from diffusers.models import attention_dispatch as dispatch

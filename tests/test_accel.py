@@ -100,7 +100,11 @@ def test_channels_last_and_vae_slicing_keep_the_pixels(tmp_path):
     assert not pipe.transformer.pos_embed.proj.weight.is_contiguous(memory_format=torch.channels_last)
 
 
-@pytest.mark.parametrize("model", ["tiny_sd15", "tiny_sdxl", "tiny_sd3", "tiny_flux", "tiny_hunyuan_dit"])
+SLOW = pytest.mark.slow
+
+
+@pytest.mark.parametrize("model", ["tiny_sd15", "tiny_flux", pytest.param("tiny_sdxl", marks=SLOW),
+                                   pytest.param("tiny_sd3", marks=SLOW), pytest.param("tiny_hunyuan_dit", marks=SLOW)])
 def test_fuse_qkv_fuses_the_projections_and_keeps_the_pixels(model, tmp_path):
     plain, _ = render(tmp_path, f"model={model}")
     image, pipe = render(tmp_path, f"model={model}", "accel.fuse_qkv=true")
@@ -145,8 +149,9 @@ def test_fuse_qkv_merges_loras_first(family, loras, tmp_path):
     assert np.abs(fused - with_lora).max() <= 2  # the LoRA is in the fused weights, at its scale
 
 
-@pytest.mark.parametrize("quantize", ["int8_weight_only", "int8_dynamic"])
-@pytest.mark.parametrize("model", ["tiny_sd15", "tiny_flux"])
+@pytest.mark.parametrize("quantize, model", [("int8_weight_only", "tiny_sd15"), ("int8_dynamic", "tiny_flux"),
+                                             pytest.param("int8_dynamic", "tiny_sd15", marks=SLOW),
+                                             pytest.param("int8_weight_only", "tiny_flux", marks=SLOW)])
 def test_int8_quantize_quantises_the_denoiser_and_keeps_the_image_close(quantize, model, tmp_path):
     plain, _ = render(tmp_path, f"model={model}")
     other_seed, _ = render(tmp_path, f"model={model}", "seed=1")
@@ -260,18 +265,21 @@ def test_half_precision_backends_refuse_fp32(monkeypatch):
                     torch.float32)
 
 
+# The device checks import torch and diffusers (~10 s each here): one runs by default, the others with -m slow.
 CLI_REFUSED = [
     ("infer.py", ["model=tiny_flux", "accel.attention=flash"], "accel.attention=flash: Flash Attention backend"),
-    ("infer.py", ["model=tiny_sd15", "accel.quantize=fp8_dynamic"], "accel.quantize=fp8_dynamic needs a CUDA GPU"),
+    pytest.param("infer.py", ["model=tiny_sd15", "accel.quantize=fp8_dynamic"],
+                 "accel.quantize=fp8_dynamic needs a CUDA GPU", marks=SLOW),
     ("infer.py", ["model=tiny_sd15", "accel.cache=first_block"], "does not support the sd15 denoiser"),
     ("infer.py", ["accel=turbo"], "unknown accel 'turbo'; choose one of: fast, none"),
-    ("ui.py", ["model=tiny_flux", "accel.attention=xformers"], "accel.attention=xformers: Xformers Attention"),
+    pytest.param("ui.py", ["model=tiny_flux", "accel.attention=xformers"],
+                 "accel.attention=xformers: Xformers Attention", marks=SLOW),
     ("train.py", ["model=tiny_sd15", "accel.fuse_qkv=true"], "accel.fuse_qkv=true: training adds the LoRA"),
     ("train.py", ["model=tiny_flux", "accel.cache=first_block"], "accel.cache=first_block: the first-block cache"),
 ]
 
 
-@pytest.mark.parametrize("script, args, message", CLI_REFUSED, ids=[f"{s} {' '.join(a)}" for s, a, _ in CLI_REFUSED])
+@pytest.mark.parametrize("script, args, message", CLI_REFUSED)
 def test_cli_refusal_is_one_line_before_weights_load(script, args, message, tmp_path):
     cache = tmp_path / "cache"  # an empty twin cache: a twin built here would mean weights were about to load
     extra = ["data.path=" + str(make_dataset(tmp_path / "data", count=1))] if script == "train.py" else []
