@@ -90,14 +90,14 @@ def check_cache(cfg, family) -> None:
     if cfg.get("init_image") is not None:
         raise ValueError(f"{value}: image-to-image (init_image) sets no cache context in diffusers' {family.name} "
                          "pipeline; use accel.cache=none for image-to-image")
-    if cfg.get("highres") is not None and cfg.get("size") is not None:
+    if cfg.get("highres") is not None:
         from synth.config import parse_size
 
-        width, height = parse_size(cfg.size, cfg.model.native_size)
+        width, height = parse_size(cfg.get("size"), cfg.model.native_size)
         steps = cfg.get("num_inference_steps") or cfg.model.num_inference_steps
         if len(plan_stages(cfg.highres, family.name, cfg.model.native_size, width, height, steps)) > 1:
-            raise ValueError(f"{value}: size={cfg.size} runs high-res refinement stages (image-to-image on tiles), "
-                             "which the cache cannot follow; use accel.cache=none or a size up to the native one")
+            raise ValueError(f"{value}: size={cfg.get('size')} runs high-res refinement stages (image-to-image on "
+                             "tiles), which the cache cannot follow; use accel.cache=none or a size up to the native one")
 
 
 def check_accel(cfg, device, dtype) -> None:
@@ -301,3 +301,11 @@ def set_attention(denoiser, family, name: str) -> None:
         raise ValueError(f"accel.attention={name}: the loaded {family.name} denoiser's attention processors do not "
                          "use diffusers' attention dispatcher; use accel.attention=native")
     denoiser.set_attention_backend(name)
+
+
+def reset_cache(denoiser) -> None:
+    """Give the next pipeline call a fresh first-block cache: diffusers resets its state at the end of a call
+    (maybe_free_model_hooks), which a cancelled or failed call never reaches, and the next image's first step
+    would then be compared with (and could reuse) the stale one's last."""
+    if getattr(denoiser, "is_cache_enabled", False):
+        denoiser._reset_stateful_cache()

@@ -185,7 +185,19 @@ def test_first_block_cache_skips_blocks_and_stays_close(tmp_path):
     cached, cached_runs = tail_runs("accel.cache=first_block", "accel.cache_threshold=0.5")
     assert full_runs == 8 and 1 <= cached_runs < full_runs
     assert mean_difference(cached, plain) < 0.05 * mean_difference(other_seed, plain)
-    # State is reset after each call: the same run again gives the same image.
+    # The state is fresh for every image, even after a call that stopped mid-way (a Cancel, a failure) and so
+    # never reached diffusers' reset at the end of a call.
+    # A cancel after the first step of the same render leaves that step's state: unreset, the next render's first
+    # step would match it and skip its blocks.
+    import threading
+
+    from synth.step_hooks import Cancelled, observe
+
+    cancel = threading.Event()
+    cfg = compose_infer(["size=64", *steps, "accel.cache=first_block", "accel.cache_threshold=0.5"],
+                        output_dir=tmp_path / "cancelled")
+    with observe(cancel, lambda *_: cancel.set()), pytest.raises(Cancelled):
+        infer(cfg)
     again, again_runs = tail_runs("accel.cache=first_block", "accel.cache_threshold=0.5")
     assert again_runs == cached_runs and np.array_equal(again, cached)
 
