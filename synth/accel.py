@@ -23,17 +23,12 @@ FP8_CAPABILITY = (8, 9)  # torchao's float8 kernels need Ada / Hopper tensor cor
 # memory-efficient SDPA) or another accelerator's (npu, xla); MPS runs SDPA's default and math kernels.
 DEVICE_ATTENTION = {"cpu": ("native", "_native_math", "_native_flash", "flex"), "mps": ("native", "_native_math")}
 OTHER_ACCELERATORS = ("_native_npu", "_native_xla")  # synth runs on cuda, cpu and mps only
-# What training can use: the rest is inference-only (cache, vae slicing's memory is the decoder's) or replaces the
-# layers the LoRA trains (fuse_qkv).
+# The options LoRA training refuses, and why; it takes the rest (apply_train_accel).
 TRAIN_REFUSED = {
     "fuse_qkv": "training adds the LoRA to the attention projections (to_q, to_k, to_v) that fusing replaces; "
                 "fuse at inference (infer.py accel.fuse_qkv=true) instead",
     "cache": "the first-block cache reuses outputs between denoising steps, which training does not take",
 }
-
-
-def _is_bool(value) -> bool:
-    return isinstance(value, bool)
 
 
 # --- checks -------------------------------------------------------------------------------------------------
@@ -48,7 +43,7 @@ def check_accel_inputs(cfg) -> None:
         return
     family = get_family(cfg.model.family)
     for key in ("fuse_qkv", "channels_last"):
-        if not _is_bool(accel.get(key, False)):
+        if not isinstance(accel.get(key, False), bool):
             raise ValueError(f"accel.{key}={accel.get(key)}: must be true or false")
     for key, allowed in (("quantize", QUANTIZE), ("vae", VAE), ("cache", CACHE)):
         if accel.get(key, "none") not in allowed:

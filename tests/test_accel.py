@@ -265,10 +265,21 @@ def test_refused_values_name_the_key(overrides, message):
     assert message in str(error.value) and "\n" not in str(error.value)
 
 
-def test_half_precision_backends_refuse_fp32(monkeypatch):
+def test_gpu_only_options_follow_the_device(monkeypatch):
+    """What this CPU machine cannot show directly: a GPU's compute capability and installed kernels, faked."""
     from diffusers.models import attention_dispatch
 
+    cuda = torch.device("cuda")
+    fp8 = compose_infer(["model=tiny_flux", "accel.quantize=fp8_dynamic"])
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (8, 6))  # an RTX 3090
+    with pytest.raises(ValueError, match=r"accel.quantize=fp8_dynamic needs CUDA compute capability >= 8.9; this GPU "
+                                         r"has 8.6"):
+        check_accel(fp8, cuda, torch.bfloat16)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))  # an H100
+    check_accel(fp8, cuda, torch.bfloat16)
+
     monkeypatch.setattr(attention_dispatch, "_check_attention_backend_requirements", lambda backend: None)
+    check_accel(compose_infer(["model=tiny_flux", "accel.attention=sage"]), cuda, torch.bfloat16)
     with pytest.raises(ValueError, match="accel.attention=sage needs a CUDA GPU"):
         check_accel(compose_infer(["model=tiny_flux", "accel.attention=sage"]), CPU, torch.float32)
     with pytest.raises(ValueError, match="accel.attention=_native_cudnn computes in bfloat16 or float16; this run's "
