@@ -345,3 +345,20 @@ def test_training_takes_a_quantised_base_channels_last_and_the_attention_backend
                          output_dir=tmp_path / "flux")
     module = fit(flux).module
     assert {p._attention_backend.value for p in module.denoiser.attn_processors.values()} == {"_native_math"}
+
+
+# --- replay ---------------------------------------------------------------------------------------------------
+
+
+def test_replay_takes_the_accel_options_from_the_png_unless_overridden(tmp_path):
+    from synth.replay import replay_config
+
+    image, _ = render(tmp_path, "model=tiny_sd15", "accel=fast", "accel.vae=slicing")
+    png = next(tmp_path.glob("run0/*.png"))
+    replayed = replay_config(compose_infer([f"replay={png}"], output_dir=tmp_path / "replayed"), [f"replay={png}"])
+    assert (replayed.accel.name, replayed.accel.fuse_qkv, replayed.accel.vae) == ("fast", True, "slicing")
+    again = np.asarray(Image.open(infer(replayed)[0]).convert("RGB"), dtype=np.int16)
+    assert np.array_equal(again, image)
+    overrides = [f"replay={png}", "accel=none"]
+    plain = replay_config(compose_infer(overrides, output_dir=tmp_path / "plain"), overrides)
+    assert OmegaConf.to_container(plain.accel) == OmegaConf.to_container(compose_infer([]).accel)
