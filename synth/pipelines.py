@@ -9,6 +9,7 @@ import torch
 from hydra.utils import get_class
 from omegaconf import DictConfig, OmegaConf
 
+from synth.accel import apply_accel
 from synth.config import hub_load, is_single_file
 from synth.families import get_family
 from synth.loras import load_loras, lora_key
@@ -87,11 +88,13 @@ def load_pipeline(model_cfg: DictConfig, device: torch.device, dtype: torch.dtyp
 
 
 def pipeline_key(cfg: DictConfig, device: torch.device, dtype: torch.dtype) -> str:
-    """What must match for a built pipeline to be reused: the model config, device, dtype and LoRAs."""
+    """What must match for a built pipeline to be reused: the model config, device, dtype, LoRAs, embeddings and
+    the accel options."""
     return (
         OmegaConf.to_yaml(cfg.model, resolve=True) + f"{device}|{dtype}|{cfg.get('offload', 'none')}"
         + f"|{lora_key(cfg.get('lora'))}"
         + f"|{embeddings_key(cfg)}"  # textual inversion adds tokens to the tokenizers and encoders
+        + "|" + OmegaConf.to_yaml(cfg.get("accel") or {}, resolve=True)  # fused, quantised, hooked: another pipeline
     )
 
 
@@ -107,6 +110,7 @@ def get_pipeline(cfg: DictConfig, device: torch.device, dtype: torch.dtype):
         pipe = load_pipeline(cfg.model, device, dtype, offload)
         load_loras(pipe, get_family(cfg.model.family), cfg.get("lora"))  # into text-to-image: from_pipe shares them
         add_embeddings(pipe, get_family(cfg.model.family), embeddings)
+        apply_accel(pipe, get_family(cfg.model.family), cfg.get("accel"))  # after the LoRAs: fusing merges them
         _cache["pipe"], _cache["key"] = pipe, key
         _cache["base_scheduler"] = _cache["pipe"].scheduler
     pipe = _cache["pipe"]
