@@ -41,6 +41,8 @@ class Family:
     max_sequence_length_limit: int | None = None  # the pipeline's own limit on model.max_sequence_length, if it has one
     untiled_limit_px: int | None = None  # largest untiled side of the released weights (checked before loading)
     tile_step_reason: str = "the UNet halves the latent 3 times"  # why tile sizes are multiples of tile_step
+    # accel.compile=regional compiles these denoiser block classes; () = the diffusers class's own _repeated_blocks
+    repeated_blocks: tuple[str, ...] = ()
 
     @property
     def clip_states_chunked(self) -> bool:
