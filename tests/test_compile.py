@@ -228,6 +228,7 @@ def test_hotswap_refuses_a_lora_above_the_rank_and_one_diffusers_cannot_read(two
         run(tmp_path, "accel.lora_hotswap=true", f"lora.path={merged}")
 
 
+@pytest.mark.slow  # ~40 s: two processes' start; test_hotswap_sweep_over_loras_swaps_in_place covers it in-process
 def test_cli_hotswap_sweep_loads_once(two_loras, tmp_path):
     a, b = two_loras
     result = run_cli("infer.py", "-m", *BASE, "accel.compile=regional", *EAGER, "accel.lora_hotswap=true",
