@@ -46,6 +46,8 @@ class Family:
     # (CacheMixin) with a text-to-image pipeline that sets their cache context (accel.cache=first_block).
     attention_dispatch: bool = False
     first_block_cache: bool = False
+    # accel.compile=regional compiles these denoiser block classes; () = the diffusers class's own _repeated_blocks
+    repeated_blocks: tuple[str, ...] = ()
 
     @property
     def clip_states_chunked(self) -> bool:
