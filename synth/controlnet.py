@@ -137,9 +137,11 @@ def load_controlnet(cfg, device, dtype):
 
 def pipeline(pipe, cfg):
     """The family's ControlNet image-to-image pipeline over pipe's components and the configured ControlNet."""
+    from synth.pipelines import sharing
+
     family = get_family(cfg.model.family)
     controlnet = load_controlnet(cfg, pipe._execution_device, pipe.dtype)  # the GPU, also under model offload
-    control_pipe = family.pipeline_class("controlnet_img2img").from_pipe(pipe, controlnet=controlnet)
+    control_pipe = sharing(family.pipeline_class("controlnet_img2img"), pipe, controlnet=controlnet)
     control_pipe.set_progress_bar_config(**getattr(pipe, "_progress_bar_config", {}))
     return control_pipe
 

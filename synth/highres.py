@@ -15,6 +15,7 @@ from pathlib import Path
 from synth import controlnet
 from synth.config import check_size, parse_size
 from synth.families import get_family
+from synth.pipelines import sharing
 from synth.stages import Stage, enter_at, plan_stages, refine_steps, staged  # noqa: F401  (the plan; re-exported)
 
 log = logging.getLogger(__name__)
@@ -194,7 +195,7 @@ class ChainRun:
     def __init__(self, pipe, cfg, family, generator, stats: dict, out_dir, stem: str, entry: int):
         # exact class checks: synth's Hunyuan-DiT image-to-image pipeline subclasses the text-to-image one
         self.text2img, self.img2img = (
-            pipe if type(pipe) is family.pipeline_class(task) else family.pipeline_class(task).from_pipe(pipe)
+            pipe if type(pipe) is family.pipeline_class(task) else sharing(family.pipeline_class(task), pipe)
             for task in ("text2img", "img2img")
         )
         for each in (self.text2img, self.img2img):

@@ -145,5 +145,26 @@ def for_task(pipe, family_name: str, task: str):
     """The pipeline for task, sharing pipe's components (no second copy of the weights)."""
     if task == "text2img":
         return pipe
-    cls = get_family(family_name).pipeline_class(task)
-    return cls.from_pipe(pipe)
+    return sharing(get_family(family_name).pipeline_class(task), pipe)
+
+
+class _EmptyFp32Notice(logging.Filter):
+    """diffusers 0.42's ModelMixin.to warns "should be kept in float32: []" at every cast with a dtype, also when
+    the model keeps no module in float32 (the list is empty): that notice says nothing, so it is dropped."""
+
+    def filter(self, record) -> bool:
+        return "should be kept in float32: []" not in record.getMessage()
+
+
+def sharing(cls, pipe, **components):
+    """A pipeline of class cls over pipe's components (diffusers' from_pipe: no second copy of the weights), plus
+    the given ones (e.g. a ControlNet), in pipe's dtype. diffusers 0.42's from_pipe casts every component to
+    float32 unless it is given a dtype, and the components are shared: without dtype, the first image-to-image
+    stage of an fp16/bf16 run would turn the loaded weights into fp32 for the rest of the process."""
+    logger = logging.getLogger("diffusers.models.modeling_utils")
+    notice = _EmptyFp32Notice()
+    logger.addFilter(notice)
+    try:
+        return cls.from_pipe(pipe, dtype=pipe.dtype, **components)
+    finally:
+        logger.removeFilter(notice)
