@@ -25,6 +25,18 @@ _cache: dict = {"key": None, "pipe": None}
 load_count = 0  # how many pipelines were loaded from disk in this process (tests count reloads)
 
 
+class _EmptyFp32Notice(logging.Filter):
+    """diffusers 0.42's ModelMixin.to warns "should be kept in float32: []" at every cast with a dtype (from_pipe's,
+    the fp16 VAE's upcast), also when the model keeps no module in float32 (the list is empty): that notice says
+    nothing, so it is dropped; the notice naming modules still shows."""
+
+    def filter(self, record) -> bool:
+        return "should be kept in float32: []" not in record.getMessage()
+
+
+logging.getLogger("diffusers.models.modeling_utils").addFilter(_EmptyFp32Notice())
+
+
 def resolve_device(name: str) -> torch.device:
     if name == "auto":
         if torch.cuda.is_available():
@@ -148,23 +160,9 @@ def for_task(pipe, family_name: str, task: str):
     return sharing(get_family(family_name).pipeline_class(task), pipe)
 
 
-class _EmptyFp32Notice(logging.Filter):
-    """diffusers 0.42's ModelMixin.to warns "should be kept in float32: []" at every cast with a dtype, also when
-    the model keeps no module in float32 (the list is empty): that notice says nothing, so it is dropped."""
-
-    def filter(self, record) -> bool:
-        return "should be kept in float32: []" not in record.getMessage()
-
-
 def sharing(cls, pipe, **components):
     """A pipeline of class cls over pipe's components (diffusers' from_pipe: no second copy of the weights), plus
     the given ones (e.g. a ControlNet), in pipe's dtype. diffusers 0.42's from_pipe casts every component to
     float32 unless it is given a dtype, and the components are shared: without dtype, the first image-to-image
     stage of an fp16/bf16 run would turn the loaded weights into fp32 for the rest of the process."""
-    logger = logging.getLogger("diffusers.models.modeling_utils")
-    notice = _EmptyFp32Notice()
-    logger.addFilter(notice)
-    try:
-        return cls.from_pipe(pipe, dtype=pipe.dtype, **components)
-    finally:
-        logger.removeFilter(notice)
+    return cls.from_pipe(pipe, dtype=pipe.dtype, **components)
