@@ -6,7 +6,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from synth.entry import run_entry_point, run_task
 
-GROUPS = ("model", "scheduler", "highres", "controlnet", "prompter", "lora", "logger")
+GROUPS = ("model", "scheduler", "highres", "controlnet", "prompter", "lora", "logger", "accel")
 TEXT_KEYS = ("prompt", "negative_prompt")  # taken as typed: commas, quotes, any script (synth/cli_args.py)
 
 

@@ -5,7 +5,7 @@ from omegaconf import DictConfig
 
 from synth.entry import run_entry_point, run_task
 
-GROUPS = ("model", "data", "lora", "optim", "trainer", "logger", "callbacks", "experiment")
+GROUPS = ("model", "data", "lora", "optim", "trainer", "logger", "callbacks", "accel", "experiment")
 LIST_KEYS = ("callbacks.validation.prompts",)  # each prompt taken as typed; @file: one per line (synth/cli_args.py)
 
 

@@ -6,7 +6,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from synth.entry import run_entry_point, run_task
 
-GROUPS = ("model", "scheduler", "highres", "controlnet", "prompter", "lora", "logger")
+GROUPS = ("model", "scheduler", "highres", "controlnet", "prompter", "lora", "logger", "accel")
 TEXT_KEYS = ("prompt", "negative_prompt")  # taken as typed: commas, quotes, any script (synth/cli_args.py)
 
 
@@ -14,9 +14,10 @@ TEXT_KEYS = ("prompt", "negative_prompt")  # taken as typed: commas, quotes, any
 def main(cfg: DictConfig) -> None:
     from pathlib import Path
 
-    from synth.ui_requests import check_ui
+    from synth.ui_requests import check_accel_on_device, check_ui
 
     run_task(lambda c: check_ui(c.ui), cfg)  # an unsafe host is refused in one line before Gradio loads (seconds)
+    run_task(check_accel_on_device, cfg)  # accel options this device cannot run: refused before the page starts
     from synth.ui import serve
 
     hydra_cfg = HydraConfig.get()

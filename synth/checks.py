@@ -10,6 +10,7 @@ import math
 
 from omegaconf import DictConfig
 
+from synth.accel import check_accel_inputs
 from synth.config import (
     DEVICES,
     DTYPES,
@@ -89,4 +90,5 @@ def check_inputs(cfg: DictConfig) -> tuple[int, int]:
     check_offline(model)
     check_lora_inputs(cfg.get("lora"), family.name)
     check_prompt_inputs(cfg)  # prompter group and textual_inversion
+    check_accel_inputs(cfg)  # accel group: values and what the family supports (the device's part: synth.accel.check_accel)
     return width, height

@@ -120,12 +120,12 @@ def check_stages(highres, model, family, width: int, height: int) -> None:
         )
 
 
-def tile_settings(highres, model, family_name: str, vae_scale_factor: int):
+def tile_settings(highres, model, family_name: str, vae_scale_factor: int, pad_last_batch: bool = False):
     from synth.tiled_denoiser import TileSettings
 
     tile, overlap = tile_sizes(highres, model.native_size, family_name)
     align = get_family(family_name).tile_align
-    return TileSettings(tile, overlap, int(highres.get("tile_batch_size", 4)), align, vae_scale_factor)
+    return TileSettings(tile, overlap, int(highres.get("tile_batch_size", 4)), align, vae_scale_factor, pad_last_batch)
 
 
 def generate(pipe, call: dict, cfg, width: int, height: int, seed: int, out_dir=None, stem: str = "image"):
@@ -205,7 +205,12 @@ class ChainRun:
         self.pipe, self.cfg, self.family, self.generator, self.stats = pipe, cfg, family, generator, stats
         self.highres, self.model = cfg.get("highres"), cfg.model
         self.out_dir, self.stem, self.entry = out_dir, stem, entry
-        self.settings = tile_settings(self.highres, self.model, family.name, pipe.vae_scale_factor)
+        from synth.compile import is_compiled
+        from synth.tiled_denoiser import denoiser_of
+
+        # a compiled denoiser gets full batches of tiles only: no graph for a ragged last batch
+        self.settings = tile_settings(self.highres, self.model, family.name, pipe.vae_scale_factor,
+                                      pad_last_batch=is_compiled(denoiser_of(pipe)))
         self.tiled_forward = family.tiled_forward_function()
 
     def tiles(self, size) -> bool:

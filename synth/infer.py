@@ -32,9 +32,13 @@ def infer(cfg: DictConfig) -> list[Path]:
 
     family = get_family(model.family)
 
-    # 2. Build the pipeline, or reuse the one this process built for the same model, device and dtype.
+    # 2. Build the pipeline, or reuse the one this process built for the same model, device and dtype; the accel
+    # options are checked against the device first (kernels, torchao, compute capability), before weights load.
+    from synth.accel import check_accel
+
     device = pipelines.resolve_device(cfg.device)
     dtype = pipelines.resolve_dtype(cfg.dtype, device, model)
+    check_accel(cfg, device, dtype)
     pipe = pipelines.for_task(pipelines.get_pipeline(cfg, device, dtype), family.name, task)
     pipe.set_progress_bar_config(desc=f"{family.name} {task}", leave=False)
     found = resources(cfg)  # the model's, LoRAs' and embeddings' names and hashes for the PNGs (hashing is cached)

@@ -407,14 +407,26 @@ def merge_lora(pipe, path: str, scale: float, modules) -> None:
                 weight.copy_(new.to(weight.dtype))
 
 
-def load_loras(pipe, family, lora_cfg) -> None:
+def load_loras(pipe, family, lora_cfg, hotswap: bool = False) -> None:
     """Load every LoRA lora_cfg names into the text-to-image pipeline and activate them at their scales: diffusers'
-    and peft's loaders for the files they read, synth's merge for the rest (check_lora_fits plans which)."""
+    and peft's loaders for the files they read, synth's merge for the rest (check_lora_fits plans which).
+
+    hotswap (accel.lora_hotswap, after pipe.enable_lora_hotswap): only files diffusers' loader reads, each swapped
+    into the adapter of its position (lora0, lora1, ...) in place when that adapter is already loaded."""
     entries = lora_entries(lora_cfg)
     if not entries:
         return
     model = getattr(pipe, denoiser_prefix(family))
     plans = [check_lora_fits(str(Path(path).expanduser()), pipe, family) for path, _ in entries]  # all, first
+    for (path, _), plan in zip(entries, plans):
+        if hotswap and plan["route"] != "diffusers":
+            # A merge changes the weights themselves and peft's own route has no hotswap: refused rather than
+            # rebuilt, so that a hotswap sweep never reloads and recompiles behind the user's back.
+            raise ValueError(f"accel.lora_hotswap=true: lora.path={path} is not read by diffusers' LoRA loader (synth "
+                             f"{'merges' if plan['route'] == 'merge' else 'loads'} it by {plan['route']}), so it cannot "
+                             "be swapped in place; use accel.lora_hotswap=false")
+    loaded = getattr(model, "peft_config", None) or {}
+    swapping = hotswap and all(f"lora{index}" in loaded for index in range(len(entries)))
     names, scales = [], []
     for index, ((path, scale), plan) in enumerate(zip(entries, plans)):
         path = str(Path(path).expanduser())
@@ -428,10 +440,15 @@ def load_loras(pipe, family, lora_cfg) -> None:
         else:
             # Through the text-to-image pipeline: KolorsImg2ImgPipeline.load_lora_weights fails in diffusers 0.42
             # (it looks for text_encoder_2); image-to-image shares these layers through from_pipe.
-            pipe.load_lora_weights(path, adapter_name=name)
+            pipe.load_lora_weights(path, adapter_name=name, **({"hotswap": True} if swapping else {}))
         names.append(name)
         scales.append(scale)
     if not names:
+        return
+    if hotswap:
+        if not swapping:
+            pipe.set_adapters(names)  # all active, at weight 1: each layer's scaling is its file's alpha / rank
+        scale_in_place(model, names, scales)
         return
     if family.peft_loaded:
         from diffusers.utils.peft_utils import set_weights_and_activate_adapters
@@ -439,3 +456,24 @@ def load_loras(pipe, family, lora_cfg) -> None:
         set_weights_and_activate_adapters(model, names, scales)
     else:
         pipe.set_adapters(names, adapter_weights=scales)
+
+
+def scale_in_place(model, names: list[str], scales: list[float]) -> None:
+    """accel.lora_hotswap: each adapter's layers scaled by its lora.scale, their scalings kept as tensors.
+
+    The gap in peft 0.21 / diffusers 0.42: a hotswap sets every swapped layer's scaling to the new file's
+    alpha / rank but leaves the layer's lora_alpha and r as the first file's, and set_adapters (peft's set_scale)
+    recomputes the scaling from those, as a Python float, which a compiled graph holds as a constant: the new
+    file's alpha would be lost, and a changed scale would recompile. A tensor scaling is an input of the graph."""
+    import torch
+    from peft.tuners.lora import LoraLayer
+
+    for module in model.modules():
+        if not isinstance(module, LoraLayer):
+            continue
+        for name, scale in zip(names, scales):
+            value = module.scaling.get(name)
+            if isinstance(value, torch.Tensor):
+                value.mul_(scale)
+            elif value is not None:
+                module.scaling[name] = torch.tensor(value * scale, device=module.weight.device)

@@ -9,9 +9,11 @@ import torch
 from hydra.utils import get_class
 from omegaconf import DictConfig, OmegaConf
 
+from synth.accel import apply_accel
+from synth.compile import check_compile, compile_denoiser, compile_key, hotswapping, prepare_hotswap
 from synth.config import is_single_file, offline_error
 from synth.families import get_family
-from synth.loras import load_loras, lora_key
+from synth.loras import lora_entries, load_loras, lora_key
 from synth.textual_inversion import add_embeddings, embeddings_key, read_embeddings
 
 log = logging.getLogger(__name__)
@@ -90,28 +92,43 @@ def load_pipeline(model_cfg: DictConfig, device: torch.device, dtype: torch.dtyp
 
 
 def pipeline_key(cfg: DictConfig, device: torch.device, dtype: torch.dtype) -> str:
-    """What must match for a built pipeline to be reused: the model config, device, dtype and LoRAs."""
+    """What must match for a built pipeline to be reused: the model config, device, dtype, LoRAs and compilation.
+    With accel.lora_hotswap only the number of LoRAs: other files of that count are swapped in (get_pipeline)."""
+    loras = f"hotswap:{len(lora_entries(cfg.get('lora')))}" if hotswapping(cfg.get("accel")) else lora_key(cfg.get("lora"))
     return (
         OmegaConf.to_yaml(cfg.model, resolve=True) + f"{device}|{dtype}|{cfg.get('offload', 'none')}"
-        + f"|{lora_key(cfg.get('lora'))}"
+        + f"|{loras}"
         + f"|{embeddings_key(cfg)}"  # textual inversion adds tokens to the tokenizers and encoders
+        + "|" + OmegaConf.to_yaml(cfg.get("accel") or {}, resolve=True)  # fused, quantised, hooked: another pipeline
+        + f"|{compile_key(cfg.get('accel'))}"
     )
 
 
 def get_pipeline(cfg: DictConfig, device: torch.device, dtype: torch.dtype):
     """The text-to-image pipeline for cfg, reused when the model, device and dtype match the last one."""
     key = pipeline_key(cfg, device, dtype)
+    family, accel, loras = get_family(cfg.model.family), cfg.get("accel"), cfg.get("lora")
+    hotswap = hotswapping(accel)
     if _cache["key"] != key:
         _cache["key"], _cache["pipe"] = None, None  # drop the old pipeline before loading the next
         embeddings = read_embeddings(cfg)  # read safely and parsed before any weights load
         offload = cfg.get("offload", "none")
         if offload != "none" and device.type != "cuda":
             raise ValueError(f"offload={offload} needs a CUDA device; this run resolved device={device.type}")
+        check_compile(accel, device, family, offload=offload, lora_cfg=loras)
         pipe = load_pipeline(cfg.model, device, dtype, offload)
-        load_loras(pipe, get_family(cfg.model.family), cfg.get("lora"))  # into text-to-image: from_pipe shares them
-        add_embeddings(pipe, get_family(cfg.model.family), embeddings)
-        _cache["pipe"], _cache["key"] = pipe, key
+        prepare_hotswap(pipe, accel, loras)  # before the first LoRA loads
+        load_loras(pipe, family, loras, hotswap)  # into text-to-image: from_pipe shares them
+        add_embeddings(pipe, family, embeddings)
+        apply_accel(pipe, family, accel)  # after the LoRAs: fusing merges them
+        compile_denoiser(pipe, family, accel)
+        _cache["pipe"], _cache["key"], _cache["loras"] = pipe, key, lora_key(loras)
         _cache["base_scheduler"] = _cache["pipe"].scheduler
+    elif hotswap and _cache["loras"] != lora_key(loras):
+        check_compile(accel, device, family, lora_cfg=loras)  # the new files' ranks
+        _cache["loras"] = None  # a swap that fails half way leaves no pipeline claiming either set
+        load_loras(_cache["pipe"], family, loras, hotswap)  # swapped in place: no reload, no recompile
+        _cache["loras"] = lora_key(loras)
     pipe = _cache["pipe"]
     pipe.scheduler = make_scheduler(cfg, _cache["base_scheduler"])
     return pipe

@@ -33,6 +33,7 @@ class TileSettings:
     tile_batch_size: int  # tiles per denoiser call (each tile carries the whole CFG batch)
     align: int = 1  # tile starts and sizes are multiples of this (a DiT's patch size)
     vae_scale_factor: int = 8  # latent -> pixel, for SDXL/Kolors/Hunyuan size conditioning
+    pad_last_batch: bool = False  # a compiled denoiser: every call takes tile_batch_size tiles (synth.tiling.tiled_apply)
 
 
 def denoiser_of(pipe):
@@ -198,7 +199,7 @@ def unet_forward(model, original, settings: TileSettings, stats, sample, timeste
             **call, return_dict=False,
         )[0]
 
-    out = tiled_apply(run, sample, tiles, settings.tile_overlap, settings.tile_batch_size)
+    out = tiled_apply(run, sample, tiles, settings.tile_overlap, settings.tile_batch_size, settings.pad_last_batch)
     if not return_dict:
         return (out,)
     from diffusers.models.unets.unet_2d_condition import UNet2DConditionOutput

@@ -120,10 +120,15 @@ def tiled_apply(
     tiles: list[Tile],
     ramp: int,
     batch_size: int,
+    pad_last_batch: bool = False,
 ) -> torch.Tensor:
     """Blend fn over tiles of x (B, C, H, W); fn(tiles, crops) gets k tiles stacked tile-major as (k*B, C, h, w).
 
     fn must return (k*B, C', h, w) in the same order. One tile covering x is a plain fn call (bitwise untiled).
+    pad_last_batch (a compiled denoiser, whose graphs are specialised to the batch size): a last batch of fewer
+    than batch_size tiles is filled up with copies of its last tile and their predictions dropped, so every call
+    has one shape and the ragged batch does not compile a graph of its own; it costs the padded tiles' compute,
+    which is why it is not always on.
     Predictions are accumulated in float64 (float32 on MPS, which has no float64) and returned in fn's dtype:
     the blend adds no rounding of its own beyond the final cast. Besides fn's own memory, the blend holds the
     accumulator (B x C' x H x W, 8 bytes each; the returned prediction beside it at the end), one batch of tiles
@@ -138,8 +143,11 @@ def tiled_apply(
     out = None
     for first in range(0, len(tiles), batch_size):
         batch = tiles[first : first + batch_size]
-        crops = torch.cat([x[(..., *tile.slices())] for tile in batch])
-        pred = fn(batch, crops)
+        padded = batch + [batch[-1]] * (batch_size - len(batch)) if pad_last_batch else batch
+        crops = torch.cat([x[(..., *tile.slices())] for tile in padded])
+        pred = fn(padded, crops)
+        if len(padded) > len(batch):
+            pred = pred[: len(batch) * x.shape[0]]  # tile-major: the real tiles come first
         if out is None:
             out = torch.zeros((x.shape[0], pred.shape[1], height, width), dtype=accumulate, device=pred.device)
             out_dtype = pred.dtype

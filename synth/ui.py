@@ -21,7 +21,7 @@ from omegaconf import DictConfig
 
 from synth.step_hooks import Cancelled  # noqa: E402
 from synth.textual_inversion import SUFFIXES as EMBEDDING_SUFFIXES  # noqa: E402
-from synth.ui_requests import Generator, Settings, check_ui, is_blank  # noqa: E402
+from synth.ui_requests import Generator, Settings, check_accel_on_device, check_ui, is_blank  # noqa: E402
 
 log = logging.getLogger(__name__)
 USER_ERRORS = (ValueError, FileNotFoundError)
@@ -302,6 +302,7 @@ def start(overrides: list[str], run_dir: Path, port: int) -> tuple:
         del cfg["hydra"]
         cfg.output_dir = str(run_dir)
     check_ui(cfg.ui)
+    check_accel_on_device(cfg)
     os.environ["GRADIO_TEMP_DIR"] = str(Path(run_dir) / ".gradio")
     generator = Generator(cfg, list(overrides), Path(run_dir), choices)
     demo = build(generator)

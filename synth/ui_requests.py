@@ -43,6 +43,16 @@ def check_ui(ui: DictConfig) -> tuple[str, str] | None:
     return auth
 
 
+def check_accel_on_device(cfg: DictConfig) -> None:
+    """synth.accel.check_accel on the device and dtype the ui config resolves to: accel options this machine
+    cannot run are refused when ui.py starts, not at the first request."""
+    from synth import pipelines
+    from synth.accel import check_accel
+
+    device = pipelines.resolve_device(cfg.device)
+    check_accel(cfg, device, pipelines.resolve_dtype(cfg.dtype, device, cfg.model))
+
+
 def command_line_overrides(overrides: list[str]) -> list[str]:
     """The ui.py overrides an infer config takes: not ui.*, not hydra.*, not the groups the page chooses."""
     from hydra.core.override_parser.overrides_parser import OverridesParser

@@ -7,8 +7,8 @@ from conftest import run_cli
 
 from synth.config import group_options
 
-INFER_GROUPS = ["controlnet", "experiment", "highres", "logger", "lora", "model", "prompter", "scheduler"]
-TRAIN_GROUPS = ["callbacks", "data", "experiment", "logger", "lora", "model", "optim", "trainer"]
+INFER_GROUPS = ["accel", "controlnet", "experiment", "highres", "logger", "lora", "model", "prompter", "scheduler"]
+TRAIN_GROUPS = ["accel", "callbacks", "data", "experiment", "logger", "lora", "model", "optim", "trainer"]
 
 
 def help_text(script, tmp_path):

@@ -45,6 +45,8 @@ class Flux(Family):
     untiled_limit_px = None  # rotary position ids have no table to run out of
     tile_step_reason = "the 2x2 token packing"
     clip_states_chunked = False  # CLIP-L gives only its pooled output: no chunks, no weights
+    attention_dispatch = True  # FluxAttnProcessor calls diffusers' dispatch_attention_fn
+    first_block_cache = True  # FluxTransformer2DModel is a CacheMixin; FluxPipeline sets cache contexts
 
     def call_kwargs(self, model_cfg, task, width, height) -> dict:
         # FluxImg2ImgPipeline defaults its size to the transformer's sample size, not the image's (like SD3's).

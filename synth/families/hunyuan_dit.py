@@ -21,6 +21,7 @@ class HunyuanDiT(Family):
     img2img = "synth.families.hunyuan_dit_img2img:HunyuanDiTImg2ImgPipeline"
     size_step = 16  # VAE factor 8 x patch size 2
     denoiser = "transformer"
+    repeated_blocks = ("HunyuanDiTBlock",)  # diffusers 0.42's HunyuanDiT2DModel declares no _repeated_blocks
     objective = "synth.families.hunyuan_dit:Objective"
     tiled_forward = "synth.families.hunyuan_dit:tiled_forward"
     twin_builder = "synth.families.hunyuan_dit:build_twin"

@@ -29,6 +29,7 @@ class SD3(Family):
     size_step = 16  # VAE factor 8 x patch size 2
     single_file = True
     denoiser = "transformer"
+    repeated_blocks = ("JointTransformerBlock",)  # diffusers 0.42's SD3Transformer2DModel declares no _repeated_blocks
     prediction = FLOW
     objective = "synth.families.sd3:Objective"
     tiled_forward = "synth.families.sd3:tiled_forward"
@@ -229,7 +230,8 @@ def tiled_forward(model, original, settings, stats, hidden_states, *args, **kwar
         finally:
             del patch_embed.cropped_pos_embed
 
-    return transformer_output(tiled_apply(run, hidden_states, tiles, settings.tile_overlap, settings.tile_batch_size), return_dict)
+    out = tiled_apply(run, hidden_states, tiles, settings.tile_overlap, settings.tile_batch_size, settings.pad_last_batch)
+    return transformer_output(out, return_dict)
 
 
 # --- the training objective (synth/train/objectives.py holds the machinery) ---

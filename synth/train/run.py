@@ -10,6 +10,7 @@ from pathlib import Path
 
 from omegaconf import DictConfig
 
+from synth.accel import check_accel, check_train_accel
 from synth.config import check_model_path, check_offline
 from synth.families import FAMILIES, FLOW, get_family
 
@@ -24,6 +25,20 @@ def weight_dtype_name(cfg: DictConfig) -> str:
     if cfg.weight_dtype != "auto":
         return cfg.weight_dtype
     return PRECISION_DTYPES.get(str(cfg.trainer.get("precision", "32")), "fp32")
+
+
+def train_device(cfg: DictConfig) -> str:
+    """The device type trainer.accelerator trains on (auto as Lightning picks it: cuda, else mps, else cpu)."""
+    import torch
+
+    accelerator = str(cfg.trainer.get("accelerator", "auto"))
+    if accelerator in ("gpu", "cuda"):
+        return "cuda"
+    if accelerator in ("cpu", "mps"):
+        return accelerator
+    if torch.cuda.is_available():
+        return "cuda"
+    return "mps" if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available() else "cpu"
 
 
 def resolve_ckpt_path(ckpt_path, output_dir: str) -> str | None:
@@ -89,6 +104,7 @@ def check_train_inputs(cfg: DictConfig):
     if cfg.vae_dtype not in VAE_DTYPES:
         raise ValueError(f"vae_dtype={cfg.vae_dtype}: choose one of {', '.join(VAE_DTYPES)}")
     family.check_train(cfg)  # the family's own refusals (Kolors' fp16 VAE)
+    check_train_accel(cfg)  # accel options training cannot take (fuse_qkv, cache), then the device's part
     if cfg.weight_dtype not in ("auto", "fp32", "bf16", "fp16"):
         raise ValueError(f"weight_dtype={cfg.weight_dtype}: choose one of auto, fp32, bf16, fp16")
     lora = cfg.lora
@@ -103,6 +119,9 @@ def check_train_inputs(cfg: DictConfig):
     if not isinstance(cfg.get("overwrite", False), bool):
         raise ValueError(f"overwrite={cfg.overwrite}: must be true or false")
     check_trainer_and_optim(cfg)
+    from synth.pipelines import DTYPES
+
+    check_accel(cfg, train_device(cfg), DTYPES[weight_dtype_name(cfg)])
     check_data_config(cfg.data, family.size_step, family.objective_class().num_text_encoders)
     check_model_path(cfg.model)
     check_offline(cfg.model)
@@ -264,6 +283,9 @@ def _fit(cfg: DictConfig, items, family, output_dir: Path, ckpt_path: str | None
     dtype = pipelines.DTYPES[weight_dtype_name(cfg)]
     pipe = pipelines.load_pipeline(cfg.model, torch.device("cpu"), dtype)
     pipe.set_progress_bar_config(disable=True)
+    from synth.accel import apply_train_accel
+
+    apply_train_accel(pipe, family, cfg.get("accel"))  # before the LoRA: peft wraps quantised layers as they are
 
     # 3. Build the objective, the module with its LoRA (initialised from the seed), and the data.
     objective = make_objective(family, pipe, cfg.objective)
