@@ -178,37 +178,23 @@ def check_requirements(setting: dict, device: torch.device) -> None:
 
 
 def synth_accelerate(pipe, cfg, device, dtype) -> None:
-    """What synth.pipelines.get_pipeline does to a pipeline it has built: its accel checks (before), then its accel
-    functions (synth.accel, then synth.compile). Missing modules skip the row; accel=none touches nothing."""
-    import importlib
-
-    from synth.families import get_family
-
+    """What synth does to a pipeline it has built (synth.infer and synth.pipelines.get_pipeline): the accel checks on
+    this device, then synth.accel.apply_accel and synth.compile.compile_denoiser. accel=none changes nothing."""
     accel = cfg.get("accel")
     if accel is None:
         return
+    try:
+        from synth.accel import apply_accel, check_accel
+        from synth.compile import check_compile, compile_denoiser
+    except ImportError as error:
+        raise Skip(f"{error.name} is not in this checkout") from None
+    from synth.families import get_family
+
     family = get_family(cfg.model.family)
-    keys = {key for key, value in accel.items() if key != "name" and value != load_default(key)}
-    compile_keys = {key for key in keys if key.startswith(("compile", "lora_hotswap"))}
-    for module_name, owned in (("synth.accel", keys - compile_keys), ("synth.compile", compile_keys)):
-        try:
-            module = importlib.import_module(module_name)
-        except ImportError:
-            if owned:
-                raise Skip(f"{module_name} is not in this checkout (accel.{sorted(owned)[0]} needs it)") from None
-            continue
-        if module_name == "synth.accel":
-            module.check_accel(cfg, device, dtype)
-            module.apply_accel(pipe, family, accel)
-        else:
-            module.check_compile(accel, device, family)
-            module.compile_denoiser(pipe, family, accel)
-
-
-def load_default(key: str):
-    from omegaconf import OmegaConf
-
-    return OmegaConf.load(ROOT / "conf" / "accel" / "none.yaml").get(key)
+    check_accel(cfg, device, dtype)
+    check_compile(accel, device, family)
+    apply_accel(pipe, family, accel)
+    compile_denoiser(pipe, family, accel)
 
 
 def synth_runner(case: Case, cfg, smoke: bool, device, dtype):
@@ -233,7 +219,11 @@ def synth_runner(case: Case, cfg, smoke: bool, device, dtype):
 
 
 def diffusers_accelerate(pipe, denoiser, setting: dict, smoke: bool) -> None:
-    """The row's accel setting applied by hand, as a diffusers user would (the order synth's accel applies them)."""
+    """The row's accel setting applied by hand, as a diffusers user would, in synth.accel's order (fused projections
+    are quantised too; torch.cat cannot join quantised weights), compilation last."""
+    if setting.get("fuse_qkv"):  # the denoiser's and the VAE's (UNet pipelines' fuse_qkv_projections does both)
+        denoiser.fuse_qkv_projections()
+        pipe.vae.fuse_qkv_projections()
     quantize = setting.get("quantize", "none")
     if quantize != "none":
         import torchao.quantization as quantization
@@ -241,32 +231,29 @@ def diffusers_accelerate(pipe, denoiser, setting: dict, smoke: bool) -> None:
         configs = {"int8_weight_only": "Int8WeightOnlyConfig", "int8_dynamic": "Int8DynamicActivationInt8WeightConfig",
                    "fp8_weight_only": "Float8WeightOnlyConfig", "fp8_dynamic": "Float8DynamicActivationFloat8WeightConfig"}
         quantization.quantize_(denoiser, getattr(quantization, configs[quantize])())
-    if setting.get("fuse_qkv"):
-        (pipe if hasattr(pipe, "fuse_qkv_projections") else denoiser).fuse_qkv_projections()
-    if setting.get("channels_last"):
-        for module in (denoiser, pipe.vae):
-            if any(isinstance(layer, torch.nn.Conv2d) for layer in module.modules()):
-                module.to(memory_format=torch.channels_last)
+    if setting.get("channels_last"):  # the convolutional models: the VAE, and the denoiser if a UNet
+        for module in (pipe.vae, denoiser) if hasattr(pipe, "unet") else (pipe.vae,):
+            module.to(memory_format=torch.channels_last)
     if setting.get("attention", "native") != "native":
         denoiser.set_attention_backend(setting["attention"])
     if setting.get("cache", "none") == "first_block":
-        from diffusers import FirstBlockCacheConfig
+        from diffusers.hooks import FirstBlockCacheConfig
 
         denoiser.enable_cache(FirstBlockCacheConfig(threshold=setting.get("cache_threshold", 0.05)))
     if setting.get("vae") == "slicing":
         pipe.vae.enable_slicing()
     compile_mode = setting.get("compile", "none")
-    options = {"backend": "eager" if smoke else "inductor", "fullgraph": True}
+    options = {"backend": "eager" if smoke else "inductor", "dynamic": False}  # synth's defaults (conf/accel)
     if compile_mode == "regional":
         if denoiser._repeated_blocks:
             denoiser.compile_repeated_blocks(**options)
-        else:
+        else:  # what compile_repeated_blocks does, for the block classes a user names by hand
             blocks = REPEATED_BLOCKS[type(denoiser).__name__]
             for module in denoiser.modules():
                 if type(module).__name__ in blocks:
                     module.compile(**options)
     elif compile_mode == "full":
-        denoiser.compile(**{**options, "fullgraph": False})
+        denoiser.forward = torch.compile(denoiser.forward, **options)
 
 
 def diffusers_runner(case: Case, cfg, smoke: bool, device, dtype, setting: dict):

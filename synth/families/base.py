@@ -41,16 +41,13 @@ class Family:
     max_sequence_length_limit: int | None = None  # the pipeline's own limit on model.max_sequence_length, if it has one
     untiled_limit_px: int | None = None  # largest untiled side of the released weights (checked before loading)
     tile_step_reason: str = "the UNet halves the latent 3 times"  # why tile sizes are multiples of tile_step
-<<<<<<< .merge_file_wLZddb
     # Speed options (synth.accel): whether the denoiser's attention processors go through diffusers' attention
     # dispatcher (then accel.attention can choose a backend), and whether the denoiser has diffusers' cache hooks
     # (CacheMixin) with a text-to-image pipeline that sets their cache context (accel.cache=first_block).
     attention_dispatch: bool = False
     first_block_cache: bool = False
-=======
     # accel.compile=regional compiles these denoiser block classes; () = the diffusers class's own _repeated_blocks
     repeated_blocks: tuple[str, ...] = ()
->>>>>>> .merge_file_KbGMRL
 
     @property
     def clip_states_chunked(self) -> bool:
