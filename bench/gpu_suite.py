@@ -223,7 +223,8 @@ def diffusers_accelerate(pipe, denoiser, setting: dict, smoke: bool) -> None:
     are quantised too; torch.cat cannot join quantised weights), compilation last."""
     if setting.get("fuse_qkv"):  # the denoiser's and the VAE's (UNet pipelines' fuse_qkv_projections does both)
         denoiser.fuse_qkv_projections()
-        pipe.vae.fuse_qkv_projections()
+        if hasattr(pipe.vae, "fuse_qkv_projections"):
+            pipe.vae.fuse_qkv_projections()
     quantize = setting.get("quantize", "none")
     if quantize != "none":
         import torchao.quantization as quantization
@@ -313,7 +314,7 @@ def measure_side(run, device, repeats: int, warmups: int) -> dict:
             "peak_gib": peak / GIB if device.type == "cuda" else None}
 
 
-def image_row(case: Case, setting_name: str, smoke: bool, device, dtype_override) -> dict:
+def image_row(case: Case, setting_name: str, smoke: bool, device, dtype_override, repeats: int | None) -> dict:
     from synth import pipelines
 
     setting = case.settings[setting_name]
@@ -322,7 +323,7 @@ def image_row(case: Case, setting_name: str, smoke: bool, device, dtype_override
     dtype = pipelines.resolve_dtype(dtype_override, device, cfg.model)
     if setting.get("compile", "none") != "none":
         torch._dynamo.reset()  # each compiled row compiles its own graphs (the other side of the row reuses them)
-    repeats = 1 if smoke else case.repeats
+    repeats = 1 if smoke else repeats or case.repeats
     result = {"dtype": str(dtype).removeprefix("torch."), "size": row_size(case, cfg, smoke)}
     for side, make in (("synth", lambda: synth_runner(case, cfg, smoke, device, dtype)),
                        ("diffusers", lambda: diffusers_runner(case, cfg, smoke, device, dtype, setting))):
@@ -333,11 +334,11 @@ def image_row(case: Case, setting_name: str, smoke: bool, device, dtype_override
     return result
 
 
-def train_row(case: Case, smoke: bool, device, dtype_override) -> dict:
+def train_row(case: Case, smoke: bool, device, repeats: int | None) -> dict:
     from gpu_train import diffusers_step_times, step_times
 
     size = 64 if smoke else case.size
-    steps, warmup = (1, 0) if smoke else (case.steps, 2)
+    steps, warmup = (1, 0) if smoke else (repeats or case.steps, 2)
     result = {"dtype": "bf16 autocast" if device.type == "cuda" else "fp32", "size": size}
     for side, function in (("synth", step_times), ("diffusers", diffusers_step_times)):
         seconds, peak = function(case.model, steps, 16, True, device, smoke, size, warmup)
@@ -397,8 +398,12 @@ def main() -> int:
     parser.add_argument("--json", type=Path, help="also write the table here as JSON")
     parser.add_argument("--dtype", default="auto", choices=("auto", "fp16", "bf16", "fp32"),
                         help="auto: each model's CUDA dtype (conf/model), fp32 in --smoke")
+    parser.add_argument("--repeats", type=int, help="timed runs (training: steps) of every row, instead of each row's own")
     parser.add_argument("--list", action="store_true", help="print the rows and their goals, run nothing")
     args = parser.parse_args()
+    if args.repeats is not None and args.repeats < 1:
+        print(f"--repeats {args.repeats}: must be 1 or more", file=sys.stderr)
+        return 2
     try:
         chosen = selected(args.only)
     except ValueError as error:
@@ -435,9 +440,9 @@ def main() -> int:
         row_start = time.perf_counter()
         try:
             if case.kind == "train":
-                entry.update(train_row(case, args.smoke, device, args.dtype))
+                entry.update(train_row(case, args.smoke, device, args.repeats))
             else:
-                entry.update(image_row(case, setting, args.smoke, device, args.dtype))
+                entry.update(image_row(case, setting, args.smoke, device, args.dtype, args.repeats))
             entry["ratio"] = entry["synth"]["seconds"] / entry["diffusers"]["seconds"]
             entry["goals"] = judge(case, setting, entry, args.smoke)
             peak = entry["synth"]["peak_gib"]

@@ -92,21 +92,31 @@ def test_list_names_rows_and_goals():
     assert all("ratio <= 1.02" in line for line in lines)
 
 
-@pytest.mark.parametrize("case_name", ["sd3_1024", "sdxl_turbo_512"])
-def test_both_sides_of_a_row_make_the_same_image(case_name):
-    """synth's side (synth.highres.generate on a composed config) and diffusers' side (the pipeline called directly)
-    get the same weights and call: their images are the same pixels, so the ratio compares the same work."""
+@pytest.mark.parametrize("row", ["sd3_1024/eager", "sdxl_turbo_512/eager", "sdxl_turbo_512/compiled"])
+def test_both_sides_of_a_row_make_the_same_image(row):
+    """synth's side (synth.highres.generate on a composed config, synth's accel functions) and diffusers' side (the
+    pipeline called directly, the same tricks by hand: here regional compile, fused q/k/v, channels-last) get the same
+    weights and call: their images are the same pixels, so the ratio compares the same work."""
     import gpu_suite
 
+    case_name, setting_name = row.split("/")
     case = next(case for case in gpu_suite.CASES if case.name == case_name)
-    cfg = gpu_suite.compose_row(case, {}, smoke=True)
+    setting = case.settings[setting_name]
+    cfg = gpu_suite.compose_row(case, setting, smoke=True)
     device = torch.device("cpu")
-    synth_run, _ = gpu_suite.synth_runner(case, cfg, True, device, torch.float32)
-    diffusers_run, _ = gpu_suite.diffusers_runner(case, cfg, True, device, torch.float32, {})
+    synth_run, synth_pipe = gpu_suite.synth_runner(case, cfg, True, device, torch.float32)
+    diffusers_run, diffusers_pipe = gpu_suite.diffusers_runner(case, cfg, True, device, torch.float32, setting)
     ours, _ = synth_run()
     theirs = diffusers_run()
     assert ours.size == theirs.size == (64, 64)
     assert np.array_equal(np.asarray(ours), np.asarray(theirs))
+    for pipe in (synth_pipe, diffusers_pipe):  # the tricks really are on (or off), on both sides
+        denoiser = pipe.unet if hasattr(pipe, "unet") else pipe.transformer
+        compiled = [m for m in denoiser.modules() if getattr(m, "_compiled_call_impl", None) is not None]
+        assert {type(m).__name__ for m in compiled} == ({"BasicTransformerBlock"} if setting else set())
+        assert any(hasattr(module, "to_qkv") for module in denoiser.modules()) == bool(setting.get("fuse_qkv"))
+        if setting.get("channels_last"):
+            assert denoiser.conv_in.weight.is_contiguous(memory_format=torch.channels_last)
 
 
 def test_real_size_configs_have_the_published_parameter_counts():
