@@ -76,19 +76,26 @@ class Case:
     settings: dict[str, dict]
     goals: dict[str, list] = field(default_factory=dict)  # setting (or "*") -> [(metric, limit), ...]
     repeats: int = 3
+    extra: dict[str, dict] = field(default_factory=dict)  # more settings, run with --all or named in --only
+
+    def all_settings(self) -> dict[str, dict]:
+        return {**self.settings, **self.extra}
 
 
 # Budget on one H100 (estimates, unmeasured): a build takes seconds; a compiled row's first warm-up compiles the
 # repeated blocks once (about 30-60 s), the other side of the row reuses that code (same process, same shapes).
 CASES = [
     Case("sdxl_1024", "image", "sdxl", 1024, 30, {"eager": EAGER, "compiled": COMPILED_UNET, "fp8": FP8_UNET},
-         {"eager": [("seconds", 2.5)], "compiled": [("seconds", 1.5)]}),
+         {"eager": [("seconds", 2.5)], "compiled": [("seconds", 1.5)]},
+         extra={"regional": COMPILED, "full": {"compile": "full", "fuse_qkv": True, "channels_last": True},
+                "int8": {**COMPILED_UNET, "quantize": "int8_dynamic"}}),
     Case("sd3_1024", "image", "sd3", 1024, 28, {"eager": EAGER, "compiled": COMPILED},
          {"compiled": [("seconds", 1.3)]}),
     Case("kolors_1024", "image", "kolors", 1024, 25, {"eager": EAGER, "compiled": COMPILED_UNET}, repeats=2),
     Case("hunyuan_dit_1024", "image", "hunyuan_dit", 1024, 25, {"eager": EAGER, "compiled": COMPILED}, repeats=2),
     Case("flux_dev_1024", "image", "flux_dev", 1024, 28, {"eager": EAGER, "compiled": COMPILED, "fp8": FP8},
-         repeats=1),
+         repeats=1, extra={"fused": {**COMPILED, "fuse_qkv": True}, "flash": {**COMPILED, "attention": "flash"},
+                           "first_block": {**COMPILED, "cache": "first_block"}}),
     Case("sdxl_turbo_512", "image", "sdxl_turbo", 512, 1, {"eager": EAGER, "compiled": COMPILED_UNET},
          {"*": [("seconds", 0.1)]}, repeats=5),
     Case("sdxl_chain_2048", "chain", "sdxl", 2048, 30, {"eager": EAGER, "compiled": COMPILED_UNET},
@@ -177,24 +184,37 @@ def check_requirements(setting: dict, device: torch.device) -> None:
 # --- synth's side ----------------------------------------------------------------------------------------------
 
 
-def synth_accelerate(pipe, cfg, device, dtype) -> None:
-    """What synth does to a pipeline it has built (synth.infer and synth.pipelines.get_pipeline): the accel checks on
-    this device, then synth.accel.apply_accel and synth.compile.compile_denoiser. accel=none changes nothing."""
-    accel = cfg.get("accel")
-    if accel is None:
+def synth_checks(cfg, device, dtype) -> None:
+    """synth's accel checks on this device (synth.infer runs them before any weights load); what they refuse on this
+    machine skips the row, with synth's own one-line reason."""
+    if cfg.get("accel") is None:
         return
     try:
-        from synth.accel import apply_accel, check_accel
-        from synth.compile import check_compile, compile_denoiser
+        from synth.accel import check_accel
+        from synth.compile import check_compile
     except ImportError as error:
         raise Skip(f"{error.name} is not in this checkout") from None
     from synth.families import get_family
 
+    try:
+        check_accel(cfg, device, dtype)
+        check_compile(cfg.accel, device, get_family(cfg.model.family))
+    except ValueError as refusal:
+        raise Skip(f"synth refuses it on this machine: {refusal}") from None
+
+
+def synth_accelerate(pipe, cfg) -> None:
+    """What synth.pipelines.get_pipeline does to a pipeline it has built: synth.accel.apply_accel, then
+    synth.compile.compile_denoiser. accel=none changes nothing."""
+    if cfg.get("accel") is None:
+        return
+    from synth.accel import apply_accel
+    from synth.compile import compile_denoiser
+    from synth.families import get_family
+
     family = get_family(cfg.model.family)
-    check_accel(cfg, device, dtype)
-    check_compile(accel, device, family)
-    apply_accel(pipe, family, accel)
-    compile_denoiser(pipe, family, accel)
+    apply_accel(pipe, family, cfg.accel)
+    compile_denoiser(pipe, family, cfg.accel)
 
 
 def synth_runner(case: Case, cfg, smoke: bool, device, dtype):
@@ -207,9 +227,10 @@ def synth_runner(case: Case, cfg, smoke: bool, device, dtype):
     family = get_family(cfg.model.family)
     size = row_size(case, cfg, smoke)
     highres.check_highres(cfg, size, size)
+    synth_checks(cfg, device, dtype)
     pipe = build_pipeline(family.name, device, dtype, smoke, f"tiny_{case.model}")
     pipe.scheduler = pipelines.make_scheduler(cfg, pipe.scheduler)  # as get_pipeline: the model's default_scheduler
-    synth_accelerate(pipe, cfg, device, dtype)
+    synth_accelerate(pipe, cfg)
     call = {**prompt_embeddings(family.name, pipe, device, dtype), "num_inference_steps": row_steps(case, smoke),
             "guidance_scale": float(cfg.model.guidance_scale), **family.call_kwargs(cfg.model, "text2img", size, size)}
     return (lambda: highres.generate(pipe, call, cfg, size, size, seed=0)), pipe
@@ -317,7 +338,7 @@ def measure_side(run, device, repeats: int, warmups: int) -> dict:
 def image_row(case: Case, setting_name: str, smoke: bool, device, dtype_override, repeats: int | None) -> dict:
     from synth import pipelines
 
-    setting = case.settings[setting_name]
+    setting = case.all_settings()[setting_name]
     check_requirements(setting, device)
     cfg = compose_row(case, setting, smoke)
     dtype = pipelines.resolve_dtype(dtype_override, device, cfg.model)
@@ -370,19 +391,20 @@ def goal_text(goals: list[dict]) -> str:
     return ", ".join(f"{names[g['metric']]}<= {g['limit']:g}{units[g['metric']]} {marks[g['pass']]}" for g in goals)
 
 
-def rows(cases: list[Case]) -> list[tuple[Case, str]]:
-    return [(case, setting) for case in cases for setting in case.settings]
+def rows(cases: list[Case], extra: bool = False) -> list[tuple[Case, str]]:
+    return [(case, setting) for case in cases for setting in (case.all_settings() if extra else case.settings)]
 
 
-def selected(only: str | None) -> list[tuple[Case, str]]:
-    """--only: comma-separated case names (every setting), row names (case/setting) or globs of either."""
-    everything = rows(CASES)
+def selected(only: str | None, extra: bool = False) -> list[tuple[Case, str]]:
+    """--only: comma-separated case names (their settings; with --all the extra ones too), row names (case/setting,
+    extra ones included) or globs of either."""
     if not only:
-        return everything
+        return rows(CASES, extra)
+    everything = rows(CASES, extra=True)
     patterns = [pattern.strip() for pattern in only.split(",") if pattern.strip()]
     chosen = [(case, setting) for case, setting in everything
-              if any(fnmatch.fnmatchcase(f"{case.name}/{setting}", p) or fnmatch.fnmatchcase(case.name, p)
-                     for p in patterns)]
+              if any(fnmatch.fnmatchcase(f"{case.name}/{setting}", p) or (fnmatch.fnmatchcase(case.name, p) and (
+                  extra or setting in case.settings)) for p in patterns)]
     names = {case.name for case in CASES} | {f"{case.name}/{setting}" for case, setting in everything}
     unmatched = [p for p in patterns if not any(fnmatch.fnmatchcase(name, p) for name in names)]
     if unmatched:
@@ -398,6 +420,8 @@ def main() -> int:
     parser.add_argument("--json", type=Path, help="also write the table here as JSON")
     parser.add_argument("--dtype", default="auto", choices=("auto", "fp16", "bf16", "fp32"),
                         help="auto: each model's CUDA dtype (conf/model), fp32 in --smoke")
+    parser.add_argument("--all", action="store_true", help="also the extra settings (full compile, int8, FLUX's "
+                        "fused / flash / first_block rows): past the 8-minute budget")
     parser.add_argument("--repeats", type=int, help="timed runs (training: steps) of every row, instead of each row's own")
     parser.add_argument("--list", action="store_true", help="print the rows and their goals, run nothing")
     args = parser.parse_args()
@@ -405,7 +429,7 @@ def main() -> int:
         print(f"--repeats {args.repeats}: must be 1 or more", file=sys.stderr)
         return 2
     try:
-        chosen = selected(args.only)
+        chosen = selected(args.only, args.all)
     except ValueError as error:
         print(error, file=sys.stderr)
         return 2
@@ -413,7 +437,8 @@ def main() -> int:
         for case, setting in chosen:
             goals = judge(case, setting, {"synth": {}}, smoke=True)
             print(f"{case.name + '/' + setting:<28} {case.kind:<6} {case.model} {case.size}px {case.steps} steps "
-                  f"accel {case.settings[setting] or 'none'}; goals: {goal_text(goals)}")
+                  f"accel {case.all_settings()[setting] or 'none'}; goals: {goal_text(goals)}"
+                  f"{'  (extra: --all)' if setting in case.extra else ''}")
         return 0
     if not args.smoke and not torch.cuda.is_available():
         print("bench/gpu_suite.py needs CUDA (or --smoke, on the tiny twins)", file=sys.stderr)
@@ -436,7 +461,7 @@ def main() -> int:
     for case, setting in chosen:
         name = f"{case.name}/{setting}"
         entry = {"name": name, "case": case.name, "setting": setting, "kind": case.kind, "model": case.model,
-                 "steps": row_steps(case, args.smoke), "accel": case.settings[setting], "skipped": None, "error": None}
+                 "steps": row_steps(case, args.smoke), "accel": case.all_settings()[setting], "skipped": None, "error": None}
         row_start = time.perf_counter()
         try:
             if case.kind == "train":

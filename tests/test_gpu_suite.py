@@ -18,8 +18,10 @@ ROOT = Path(__file__).resolve().parent.parent
 SUITE = ROOT / "bench" / "gpu_suite.py"
 sys.path.insert(0, str(ROOT / "bench"))
 
-# what a row may be skipped for on a CPU-only CI machine: fp8 needs CUDA; the accel rows need synth's accel code
-CPU_SKIPS = ("needs CUDA", "synth has no accel config group", "is not in this checkout", "needs torchao")
+# what a row may be skipped for on a CPU-only CI machine: fp8 needs CUDA, flash needs its package, the accel rows
+# need synth's accel code (an older checkout), or synth refuses the setting on this device
+CPU_SKIPS = ("needs CUDA", "synth has no accel config group", "is not in this checkout", "needs torchao",
+             "(not installed)", "synth refuses it on this machine")
 
 
 def run_suite(*args: str, timeout: int = 900) -> subprocess.CompletedProcess:
@@ -63,14 +65,14 @@ def test_smoke_subset_writes_every_row(tmp_path):
 
 @pytest.mark.slow
 def test_smoke_runs_every_row(tmp_path):
-    """The whole suite on the twins (several minutes on two shared cores): every row of the table is in the JSON."""
+    """The whole suite on the twins, --all (several minutes on two shared cores): every row is in the JSON."""
     from gpu_suite import CASES
 
     out = tmp_path / "suite.json"
-    result = run_suite("--smoke", "--json", str(out), timeout=1800)
+    result = run_suite("--smoke", "--all", "--json", str(out), timeout=1800)
     assert result.returncode == 0, result.stderr[-3000:]
     rows = json.loads(out.read_text())["rows"]
-    check_rows(rows, {f"{case.name}/{setting}" for case in CASES for setting in case.settings})
+    check_rows(rows, {f"{case.name}/{setting}" for case in CASES for setting in case.all_settings()})
     assert {row["case"] for row in rows if not row["skipped"]} == {case.name for case in CASES}  # every case ran
 
 
@@ -90,6 +92,9 @@ def test_list_names_rows_and_goals():
         "train_sd3/lora", "train_kolors/lora", "train_hunyuan_dit/lora", "train_sdxl/lora"]
     assert "<= 1.5 s" in lines[1] and "<= 2.5 s" in lines[0] and "peak <= 14 GiB" in lines[5]
     assert all("ratio <= 1.02" in line for line in lines)
+    extra = run_suite("--list", "--all", "--only", "flux_dev_1024").stdout.strip().splitlines()
+    assert [line.split()[0].split("/")[1] for line in extra] == ["eager", "compiled", "fp8", "fused", "flash", "first_block"]
+    assert "first_block" not in run_suite("--list", "--only", "flux_dev_1024").stdout  # extras only with --all
 
 
 @pytest.mark.parametrize("row", ["sd3_1024/eager", "sdxl_turbo_512/eager", "sdxl_turbo_512/compiled"])
