@@ -363,7 +363,7 @@ def train_row(case: Case, smoke: bool, device, repeats: int | None) -> dict:
 
     size = 64 if smoke else case.size
     steps, warmup = (1, 0) if smoke else (repeats or case.steps, 2)
-    result = {"dtype": "bf16 autocast" if device.type == "cuda" else "fp32", "size": size}
+    result = {"dtype": "bf16 autocast" if device.type == "cuda" else "fp32", "size": size, "steps": steps}
     for side, function in (("synth", step_times), ("diffusers", diffusers_step_times)):
         seconds, peak = function(case.model, steps, 16, True, device, smoke, size, warmup)
         result[side] = {"seconds": statistics.median(seconds), "runs": seconds,
