@@ -23,17 +23,12 @@ FP8_CAPABILITY = (8, 9)  # torchao's float8 kernels need Ada / Hopper tensor cor
 # memory-efficient SDPA) or another accelerator's (npu, xla); MPS runs SDPA's default and math kernels.
 DEVICE_ATTENTION = {"cpu": ("native", "_native_math", "_native_flash", "flex"), "mps": ("native", "_native_math")}
 OTHER_ACCELERATORS = ("_native_npu", "_native_xla")  # synth runs on cuda, cpu and mps only
-# What training can use: the rest is inference-only (cache, vae slicing's memory is the decoder's) or replaces the
-# layers the LoRA trains (fuse_qkv).
+# The options LoRA training refuses, and why; it takes the rest (apply_train_accel).
 TRAIN_REFUSED = {
     "fuse_qkv": "training adds the LoRA to the attention projections (to_q, to_k, to_v) that fusing replaces; "
                 "fuse at inference (infer.py accel.fuse_qkv=true) instead",
     "cache": "the first-block cache reuses outputs between denoising steps, which training does not take",
 }
-
-
-def _is_bool(value) -> bool:
-    return isinstance(value, bool)
 
 
 # --- checks -------------------------------------------------------------------------------------------------
@@ -48,7 +43,7 @@ def check_accel_inputs(cfg) -> None:
         return
     family = get_family(cfg.model.family)
     for key in ("fuse_qkv", "channels_last"):
-        if not _is_bool(accel.get(key, False)):
+        if not isinstance(accel.get(key, False), bool):
             raise ValueError(f"accel.{key}={accel.get(key)}: must be true or false")
     for key, allowed in (("quantize", QUANTIZE), ("vae", VAE), ("cache", CACHE)):
         if accel.get(key, "none") not in allowed:
@@ -90,14 +85,14 @@ def check_cache(cfg, family) -> None:
     if cfg.get("init_image") is not None:
         raise ValueError(f"{value}: image-to-image (init_image) sets no cache context in diffusers' {family.name} "
                          "pipeline; use accel.cache=none for image-to-image")
-    if cfg.get("highres") is not None and cfg.get("size") is not None:
+    if cfg.get("highres") is not None:
         from synth.config import parse_size
 
-        width, height = parse_size(cfg.size, cfg.model.native_size)
+        width, height = parse_size(cfg.get("size"), cfg.model.native_size)
         steps = cfg.get("num_inference_steps") or cfg.model.num_inference_steps
         if len(plan_stages(cfg.highres, family.name, cfg.model.native_size, width, height, steps)) > 1:
-            raise ValueError(f"{value}: size={cfg.size} runs high-res refinement stages (image-to-image on tiles), "
-                             "which the cache cannot follow; use accel.cache=none or a size up to the native one")
+            raise ValueError(f"{value}: size={cfg.get('size')} runs high-res refinement stages (image-to-image on "
+                             "tiles), which the cache cannot follow; use accel.cache=none or a size up to the native one")
 
 
 def check_accel(cfg, device, dtype) -> None:
@@ -301,3 +296,11 @@ def set_attention(denoiser, family, name: str) -> None:
         raise ValueError(f"accel.attention={name}: the loaded {family.name} denoiser's attention processors do not "
                          "use diffusers' attention dispatcher; use accel.attention=native")
     denoiser.set_attention_backend(name)
+
+
+def reset_cache(denoiser) -> None:
+    """Give the next pipeline call a fresh first-block cache: diffusers resets its state at the end of a call
+    (maybe_free_model_hooks), which a cancelled or failed call never reaches, and the next image's first step
+    would then be compared with (and could reuse) the stale one's last."""
+    if getattr(denoiser, "is_cache_enabled", False):
+        denoiser._reset_stateful_cache()

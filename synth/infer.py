@@ -34,7 +34,7 @@ def infer(cfg: DictConfig) -> list[Path]:
 
     # 2. Build the pipeline, or reuse the one this process built for the same model, device and dtype; the accel
     # options are checked against the device first (kernels, torchao, compute capability), before weights load.
-    from synth.accel import check_accel
+    from synth.accel import check_accel, reset_cache
 
     device = pipelines.resolve_device(cfg.device)
     dtype = pipelines.resolve_dtype(cfg.dtype, device, model)
@@ -73,6 +73,7 @@ def infer(cfg: DictConfig) -> list[Path]:
         start = time.perf_counter()
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
+        reset_cache(getattr(pipe, family.denoiser))  # accel.cache: no state left by a cancelled earlier call
         # Above the native size: staged upscale + refine on tiles (synth/highres.py); else one pipeline call.
         image, stats = highres.generate(pipe, call, cfg, width, height, seed, out_dir, f"{index:03d}-seed{seed}")
         peak = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None

@@ -35,7 +35,7 @@ from synth.images import (
     read_stored_config,
 )
 
-GROUPS = ("model", "scheduler", "highres", "controlnet", "prompter", "lora")  # groups whose choice the PNG records
+GROUPS = ("model", "scheduler", "highres", "controlnet", "prompter", "lora", "accel")  # groups whose choice the PNG records
 CURRENT_RUN = ("output_dir", "replay", "logger", "hydra")  # always the current run's, whatever the PNG says
 
 
@@ -130,6 +130,20 @@ PLAIN = {
     "lora.alpha": NUMBER,
     "lora.dropout": NUMBER,
     "lora.init": (_either(lambda v: isinstance(v, bool), _word), "true, false or an init name"),
+    # the accel group's options (synth.accel checks their values and the machine before anything loads)
+    "accel.compile": (_word, "a compile mode name"),
+    "accel.compile_mode": (_word, "a torch.compile mode name"),
+    "accel.compile_backend": (_word, "a torch.compile backend name"),
+    "accel.compile_dynamic": (lambda v: isinstance(v, bool), "true or false"),
+    "accel.attention": (_word, "an attention backend name"),
+    "accel.fuse_qkv": (lambda v: isinstance(v, bool), "true or false"),
+    "accel.channels_last": (lambda v: isinstance(v, bool), "true or false"),
+    "accel.quantize": (_word, "a quantisation name"),
+    "accel.vae": (_word, "none or slicing"),
+    "accel.cache": (_word, "a cache name"),
+    "accel.cache_threshold": NUMBER,
+    "accel.lora_hotswap": (lambda v: isinstance(v, bool), "true or false"),
+    "accel.lora_hotswap_rank": INTEGER,
 }
 RECORD_KEYS = ("prompter.original_prompt", "prompter.processed_by")  # not in synth's config, but synth writes them
 

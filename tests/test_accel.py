@@ -149,6 +149,17 @@ def test_fuse_qkv_merges_loras_first(family, loras, tmp_path):
     assert np.abs(fused - with_lora).max() <= 2  # the LoRA is in the fused weights, at its scale
 
 
+def test_quantize_merges_loras_first(loras, tmp_path):
+    lora = ["model=tiny_sd15", "lora=default", f"lora.path={loras['sd15']}", "lora.scale=0.2"]
+    plain, _ = render(tmp_path, "model=tiny_sd15")
+    with_lora, _ = render(tmp_path, *lora)
+    image, pipe = render(tmp_path, *lora, "accel.quantize=int8_weight_only")
+    assert not [name for name, _ in pipe.unet.named_modules() if "lora_" in name], "merged, then quantised"
+    assert all(is_torchao(layer.weight) for layer in linear_layers(pipe.unet))
+    # the quantised model keeps the LoRA: far nearer the LoRA's image than the plain one
+    assert mean_difference(image, with_lora) < 0.2 * mean_difference(with_lora, plain)
+
+
 @pytest.mark.parametrize("quantize, model", [("int8_weight_only", "tiny_sd15"), ("int8_dynamic", "tiny_flux"),
                                              pytest.param("int8_dynamic", "tiny_sd15", marks=SLOW),
                                              pytest.param("int8_weight_only", "tiny_flux", marks=SLOW)])
@@ -185,7 +196,19 @@ def test_first_block_cache_skips_blocks_and_stays_close(tmp_path):
     cached, cached_runs = tail_runs("accel.cache=first_block", "accel.cache_threshold=0.5")
     assert full_runs == 8 and 1 <= cached_runs < full_runs
     assert mean_difference(cached, plain) < 0.05 * mean_difference(other_seed, plain)
-    # State is reset after each call: the same run again gives the same image.
+    # The state is fresh for every image, even after a call that stopped mid-way (a Cancel, a failure) and so
+    # never reached diffusers' reset at the end of a call.
+    # A cancel after the first step of the same render leaves that step's state: unreset, the next render's first
+    # step would match it and skip its blocks.
+    import threading
+
+    from synth.step_hooks import Cancelled, observe
+
+    cancel = threading.Event()
+    cfg = compose_infer(["size=64", *steps, "accel.cache=first_block", "accel.cache_threshold=0.5"],
+                        output_dir=tmp_path / "cancelled")
+    with observe(cancel, lambda *_: cancel.set()), pytest.raises(Cancelled):
+        infer(cfg)
     again, again_runs = tail_runs("accel.cache=first_block", "accel.cache_threshold=0.5")
     assert again_runs == cached_runs and np.array_equal(again, cached)
 
@@ -253,10 +276,21 @@ def test_refused_values_name_the_key(overrides, message):
     assert message in str(error.value) and "\n" not in str(error.value)
 
 
-def test_half_precision_backends_refuse_fp32(monkeypatch):
+def test_gpu_only_options_follow_the_device(monkeypatch):
+    """What this CPU machine cannot show directly: a GPU's compute capability and installed kernels, faked."""
     from diffusers.models import attention_dispatch
 
+    cuda = torch.device("cuda")
+    fp8 = compose_infer(["model=tiny_flux", "accel.quantize=fp8_dynamic"])
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (8, 6))  # an RTX 3090
+    with pytest.raises(ValueError, match=r"accel.quantize=fp8_dynamic needs CUDA compute capability >= 8.9; this GPU "
+                                         r"has 8.6"):
+        check_accel(fp8, cuda, torch.bfloat16)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))  # an H100
+    check_accel(fp8, cuda, torch.bfloat16)
+
     monkeypatch.setattr(attention_dispatch, "_check_attention_backend_requirements", lambda backend: None)
+    check_accel(compose_infer(["model=tiny_flux", "accel.attention=sage"]), cuda, torch.bfloat16)
     with pytest.raises(ValueError, match="accel.attention=sage needs a CUDA GPU"):
         check_accel(compose_infer(["model=tiny_flux", "accel.attention=sage"]), CPU, torch.float32)
     with pytest.raises(ValueError, match="accel.attention=_native_cudnn computes in bfloat16 or float16; this run's "
@@ -322,3 +356,20 @@ def test_training_takes_a_quantised_base_channels_last_and_the_attention_backend
                          output_dir=tmp_path / "flux")
     module = fit(flux).module
     assert {p._attention_backend.value for p in module.denoiser.attn_processors.values()} == {"_native_math"}
+
+
+# --- replay ---------------------------------------------------------------------------------------------------
+
+
+def test_replay_takes_the_accel_options_from_the_png_unless_overridden(tmp_path):
+    from synth.replay import replay_config
+
+    image, _ = render(tmp_path, "model=tiny_sd15", "accel=fast", "accel.vae=slicing")
+    png = next(tmp_path.glob("run0/*.png"))
+    replayed = replay_config(compose_infer([f"replay={png}"], output_dir=tmp_path / "replayed"), [f"replay={png}"])
+    assert (replayed.accel.name, replayed.accel.fuse_qkv, replayed.accel.vae) == ("fast", True, "slicing")
+    again = np.asarray(Image.open(infer(replayed)[0]).convert("RGB"), dtype=np.int16)
+    assert np.array_equal(again, image)
+    overrides = [f"replay={png}", "accel=none"]
+    plain = replay_config(compose_infer(overrides, output_dir=tmp_path / "plain"), overrides)
+    assert OmegaConf.to_container(plain.accel) == OmegaConf.to_container(compose_infer([]).accel)
