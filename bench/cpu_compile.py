@@ -1,7 +1,7 @@
 """accel.compile on the CPU: eager against torch.compile (inductor) on tiny twins, and the recompile counts.
 
     python bench/cpu_compile.py [--models tiny_sdxl,tiny_sd3] [--reps 5] [--steps 4] [--size 128]
-                                [--recompile-backend eager]
+                                [--recompile-backend eager] [--threads 1]
 
 Per model and accel.compile (none, regional, full), in this process: the pipeline through synth's own
 get_pipeline (as infer.py builds it), the first call (warm-up: compilation included) and the median of --reps
@@ -15,6 +15,8 @@ ratios say what compilation saves in per-call overhead, not what it saves on a r
 """
 
 import argparse
+import contextlib
+import io
 import os
 import statistics
 import sys
@@ -51,7 +53,10 @@ def graphs() -> int:
 
 
 def fresh() -> None:
+    from torch._dynamo.utils import counters
+
     torch._dynamo.reset()
+    counters.clear()  # reset() keeps the counters
     pipelines._cache.update(key=None, pipe=None)
 
 
@@ -61,6 +66,7 @@ def time_model(model: str, compile_choice: str, args) -> tuple[float, float]:
     cfg = compose_infer([f"model={model}", "device=cpu", f"accel.compile={compile_choice}",
                          "accel.compile_backend=inductor"], tempfile.mkdtemp())
     pipe = pipelines.get_pipeline(cfg, torch.device("cpu"), torch.float32)
+    pipe.set_progress_bar_config(disable=True)
     call = {"prompt": "a lighthouse at dusk", "num_inference_steps": args.steps, "guidance_scale": 5.0,
             "width": args.size, "height": args.size, "output_type": "latent"}
     start = time.perf_counter()
@@ -112,7 +118,8 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=4)
     parser.add_argument("--size", type=int, default=128)
     parser.add_argument("--recompile-backend", default="eager")
-    parser.add_argument("--threads", type=int, default=torch.get_num_threads())
+    # 1 thread: on a small shared machine, OpenMP threads that wait for busy cores dominate the timings
+    parser.add_argument("--threads", type=int, default=1)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     rows = []
@@ -121,7 +128,8 @@ def main() -> None:
         for compile_choice in ("none", "regional", "full"):
             first, median = time_model(model, compile_choice, args)
             eager = median if compile_choice == "none" else eager
-            counts = recompiles(model, compile_choice, args.recompile_backend) if compile_choice != "none" else {}
+            with contextlib.redirect_stdout(io.StringIO()):  # infer prints each PNG's path
+                counts = recompiles(model, compile_choice, args.recompile_backend) if compile_choice != "none" else {}
             rows.append((model, compile_choice, first, median, median / eager, counts))
             print(f"  {model} {compile_choice}: first {first:.2f} s, median {median:.3f} s", file=sys.stderr, flush=True)
     print(f"\n{args.size}x{args.size} px, {args.steps} steps, CFG, {args.threads} threads, torch {torch.__version__}; "

@@ -94,13 +94,15 @@ def check_inductor(device_type: str) -> None:
 def check_hotswap(family, lora_cfg, rank: int) -> None:
     """Hotswap is diffusers' (the pipelines' load_lora_weights(..., hotswap=True)); a family whose LoRAs load
     through peft directly has none, and a LoRA above the target rank cannot be swapped into the padded layers."""
+    from pathlib import Path
+
     from synth.loras import lora_entries, read_header
 
     if family.peft_loaded:
         raise ValueError(f"accel.lora_hotswap=true: {family.name}'s LoRAs load through peft directly (diffusers has no "
                          f"{family.name} LoRA loader, so no hotswap); use accel.lora_hotswap=false")
     for path, _ in lora_entries(lora_cfg):
-        header = read_header(path)
+        header = read_header(str(Path(path).expanduser()))
         ranks = [entry["shape"][0] for key, entry in header.items()
                  if key != "__metadata__" and (".lora_A." in key or ".lora_down." in key) and entry.get("shape")]
         if ranks and max(ranks) > rank:

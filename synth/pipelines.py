@@ -124,7 +124,7 @@ def get_pipeline(cfg: DictConfig, device: torch.device, dtype: torch.dtype):
         compile_denoiser(pipe, family, accel)
         _cache["pipe"], _cache["key"], _cache["loras"] = pipe, key, lora_key(loras)
         _cache["base_scheduler"] = _cache["pipe"].scheduler
-    elif hotswap and _cache["loras"] != lora_key(loras):
+    elif hotswap and _cache.get("loras") != lora_key(loras):
         check_compile(accel, device, family, lora_cfg=loras)  # the new files' ranks
         _cache["loras"] = None  # a swap that fails half way leaves no pipeline claiming either set
         load_loras(_cache["pipe"], family, loras, hotswap)  # swapped in place: no reload, no recompile

@@ -226,3 +226,14 @@ def test_hotswap_refuses_a_lora_above_the_rank_and_one_diffusers_cannot_read(two
     with pytest.raises(ValueError, match="accel.lora_hotswap=true: lora.path=.*with_text_encoder.safetensors is not "
                                          "read by diffusers' LoRA loader"):
         run(tmp_path, "accel.lora_hotswap=true", f"lora.path={merged}")
+
+
+@pytest.mark.slow  # ~40 s: two processes' start; test_hotswap_sweep_over_loras_swaps_in_place covers it in-process
+def test_cli_hotswap_sweep_loads_once(two_loras, tmp_path):
+    a, b = two_loras
+    result = run_cli("infer.py", "-m", *BASE, "accel.compile=regional", *EAGER, "accel.lora_hotswap=true",
+                     "accel.lora_hotswap_rank=8", f"lora.path={a},{b}", f"hydra.sweep.dir={tmp_path}/sweep", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert result.stderr.count("loading sdxl pipeline") == 1, "the sweep swaps the LoRA into one pipeline"
+    first, second = (pixels(next((tmp_path / "sweep" / job).glob("*.png"))) for job in ("0", "1"))
+    assert not np.array_equal(first, second)
