@@ -32,104 +32,24 @@ sys.path.insert(0, str(ROOT))
 import torch
 from omegaconf import OmegaConf
 
-# stabilityai/stable-diffusion-xl-base-1.0 unet/config.json and vae/config.json (the fields that differ from defaults)
-SDXL_UNET = dict(
-    sample_size=128, in_channels=4, out_channels=4, block_out_channels=(320, 640, 1280),
-    down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
-    up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
-    transformer_layers_per_block=(1, 2, 10), attention_head_dim=(5, 10, 20), cross_attention_dim=2048,
-    addition_embed_type="text_time", addition_time_embed_dim=256, projection_class_embeddings_input_dim=2816,
-    use_linear_projection=True, layers_per_block=2,
-)
-SDXL_VAE = dict(
-    block_out_channels=(128, 256, 512, 512), in_channels=3, out_channels=3, latent_channels=4, layers_per_block=2,
-    down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
-    scaling_factor=0.13025, sample_size=1024, force_upcast=False,
-)
-
-# black-forest-labs/FLUX.1-dev transformer/config.json, vae/config.json and scheduler/scheduler_config.json
-FLUX_TRANSFORMER = dict(patch_size=1, in_channels=64, num_layers=19, num_single_layers=38, attention_head_dim=128,
-                        num_attention_heads=24, joint_attention_dim=4096, pooled_projection_dim=768,
-                        guidance_embeds=True, axes_dims_rope=(16, 56, 56))
-FLUX_VAE = dict(
-    block_out_channels=(128, 256, 512, 512), in_channels=3, out_channels=3, latent_channels=16, layers_per_block=2,
-    down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
-    scaling_factor=0.3611, shift_factor=0.1159, use_quant_conv=False, use_post_quant_conv=False, sample_size=1024,
-)
-FLUX_SCHEDULER = dict(num_train_timesteps=1000, shift=3.0, use_dynamic_shifting=True, base_shift=0.5, max_shift=1.15,
-                      base_image_seq_len=256, max_image_seq_len=4096)
+from gpu_models import FLUX_TRANSFORMER, FLUX_VAE, SDXL_UNET, SDXL_VAE  # noqa: E402,F401  (the real-size configs)
+from gpu_models import build_pipeline as build_family_pipeline  # noqa: E402
+from gpu_models import prompt_embeddings  # noqa: E402
 
 
 def build_flux_pipeline(device, dtype, smoke: bool):
-    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
-
-    if smoke:
-        from synth import twins
-        from synth.config import cache_dir
-
-        folder = twins.ensure_twin("flux", Path(cache_dir()) / "twins" / "v1" / "flux-tiny")
-        pipe = FluxPipeline.from_pretrained(folder)
-    else:
-        torch.manual_seed(0)
-        default = torch.get_default_dtype()
-        torch.set_default_dtype(dtype)  # 12B parameters: built on the GPU in bf16, not in host memory or fp32
-        try:
-            with torch.device(device):
-                transformer = FluxTransformer2DModel(**FLUX_TRANSFORMER)
-                vae = AutoencoderKL(**FLUX_VAE)
-        finally:
-            torch.set_default_dtype(default)
-        pipe = FluxPipeline(scheduler=FlowMatchEulerDiscreteScheduler(**FLUX_SCHEDULER), vae=vae, text_encoder=None,
-                            tokenizer=None, text_encoder_2=None, tokenizer_2=None, transformer=transformer)
-    pipe.set_progress_bar_config(disable=True)
-    return pipe.to(device, dtype)
+    return build_family_pipeline("flux", device, dtype, smoke)
 
 
 def build_pipeline(device, dtype, smoke: bool):
-    from diffusers import (
-        AutoencoderKL,
-        EulerDiscreteScheduler,
-        StableDiffusionXLPipeline,
-        UNet2DConditionModel,
-    )
-
-    if smoke:
-        from synth import twins
-        from synth.config import cache_dir
-
-        folder = twins.ensure_twin("sdxl", Path(cache_dir()) / "twins" / "v1" / "sdxl-tiny")
-        pipe = StableDiffusionXLPipeline.from_pretrained(folder)
-    else:
-        torch.manual_seed(0)
-        unet = UNet2DConditionModel(**SDXL_UNET)
-        vae = AutoencoderKL(**SDXL_VAE)
-        scheduler = EulerDiscreteScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
-                                           timestep_spacing="leading", steps_offset=1)
-        pipe = StableDiffusionXLPipeline(vae=vae, text_encoder=None, text_encoder_2=None, tokenizer=None,
-                                         tokenizer_2=None, unet=unet, scheduler=scheduler)
-    pipe.set_progress_bar_config(disable=True)
-    return pipe.to(device, dtype)
+    return build_family_pipeline("sdxl", device, dtype, smoke)
 
 
 def prompt_call(pipe, device, dtype, steps: int, smoke: bool) -> dict:
-    if getattr(pipe, "transformer", None) is not None:  # FLUX: T5 states and CLIP-L's pooled output
-        if smoke:
-            return {"prompt": "a lighthouse at dusk", "num_inference_steps": steps, "guidance_scale": 3.5}
-        generator = torch.Generator().manual_seed(1)
-        return {"prompt_embeds": torch.randn(1, 512, 4096, generator=generator).to(device, dtype),
-                "pooled_prompt_embeds": torch.randn(1, 768, generator=generator).to(device, dtype),
-                "num_inference_steps": steps, "guidance_scale": 3.5}
-    if smoke:
-        return {"prompt": "a lighthouse at dusk", "num_inference_steps": steps, "guidance_scale": 5.0}
-    generator = torch.Generator().manual_seed(1)
-    width = pipe.unet.config.cross_attention_dim
-    embeds = [torch.randn(1, 77, width, generator=generator).to(device, dtype) for _ in range(2)]
-    pooled = [torch.randn(1, 1280, generator=generator).to(device, dtype) for _ in range(2)]
-    return {
-        "prompt_embeds": embeds[0], "negative_prompt_embeds": embeds[1],
-        "pooled_prompt_embeds": pooled[0], "negative_pooled_prompt_embeds": pooled[1],
-        "num_inference_steps": steps, "guidance_scale": 5.0,
-    }
+    """Random prompt embeddings of the model's shapes (gpu_models.prompt_embeddings), steps and guidance."""
+    flux = getattr(pipe, "transformer", None) is not None
+    call = prompt_embeddings("flux" if flux else "sdxl", pipe, device, dtype)
+    return {**call, "num_inference_steps": steps, "guidance_scale": 3.5 if flux else 5.0}
 
 
 def chain_config(native: int, size: int, staged: bool, controlnet_path: str | None = None, offload: str = "none",
@@ -153,9 +73,11 @@ def controlnet_folder(pipe, scratch: Path) -> str:
     return str(build_controlnet_twin(unet_dir, scratch / "controlnet-tile"))
 
 
-def measure(run, device, repeats: int) -> tuple[float, float]:
-    """Median seconds of `repeats` synchronised runs after one warm-up, and the peak memory (GB) over them."""
-    run()
+def measure_runs(run, device, repeats: int, warmups: int = 1) -> tuple[list[float], int]:
+    """Seconds of each of `repeats` synchronised runs after `warmups` warm-ups, and the CUDA allocator's peak over
+    the timed runs (bytes, weights included; 0 on the CPU)."""
+    for _ in range(warmups):
+        run()
     seconds = []
     if device.type == "cuda":
         torch.cuda.synchronize()
@@ -166,8 +88,13 @@ def measure(run, device, repeats: int) -> tuple[float, float]:
         if device.type == "cuda":
             torch.cuda.synchronize()
         seconds.append(time.perf_counter() - start)
-    peak = torch.cuda.max_memory_allocated() / 1e9 if device.type == "cuda" else float("nan")
-    return statistics.median(seconds), peak
+    return seconds, torch.cuda.max_memory_allocated() if device.type == "cuda" else 0
+
+
+def measure(run, device, repeats: int) -> tuple[float, float]:
+    """Median seconds of `repeats` synchronised runs after one warm-up, and the peak memory (GB) over them."""
+    seconds, peak = measure_runs(run, device, repeats)
+    return statistics.median(seconds), peak / 1e9 if device.type == "cuda" else float("nan")
 
 
 def main() -> None:
