@@ -99,6 +99,10 @@ def test_train_refuses_bad_settings_before_loading_a_model(tmp_path):
     kolors = compose_train(["model=tiny_kolors", f"data.path={root}", "vae_dtype=fp16"], output_dir=tmp_path)
     with pytest.raises(ValueError, match="Kolors' VAE overflows"):
         check_train_inputs(kolors)
+    hunyuan = compose_train(["model=tiny_hunyuan_dit", f"data.path={root}", "gradient_checkpointing=true"],
+                            output_dir=tmp_path)
+    with pytest.raises(ValueError, match="gradient_checkpointing=true: diffusers' Hunyuan-DiT"):
+        check_train_inputs(hunyuan)
     sd3 = compose_train(["model=tiny_sd3", f"data.path={root}", "objective.snr_gamma=5"], output_dir=tmp_path)
     with pytest.raises(ValueError, match="not sd3"):
         check_train_inputs(sd3)

@@ -22,6 +22,13 @@ class HunyuanDiT(Family):
     size_step = 16  # VAE factor 8 x patch size 2
     denoiser = "transformer"
     repeated_blocks = ("HunyuanDiTBlock",)  # diffusers 0.42's HunyuanDiT2DModel declares no _repeated_blocks
+
+    def check_train(self, cfg) -> None:
+        if cfg.gradient_checkpointing:
+            # diffusers 0.42's HunyuanDiT2DModel sets _supports_gradient_checkpointing = False (its blocks have no
+            # checkpointed path), so enable_gradient_checkpointing raises after the weights load
+            raise ValueError("gradient_checkpointing=true: diffusers' Hunyuan-DiT transformer does not support it; "
+                             "use gradient_checkpointing=false (data.cache=true and a smaller data.size save memory)")
     objective = "synth.families.hunyuan_dit:Objective"
     tiled_forward = "synth.families.hunyuan_dit:tiled_forward"
     twin_builder = "synth.families.hunyuan_dit:build_twin"

@@ -34,7 +34,7 @@ class LoRAModule(L.LightningModule):
         self.lora_params = add_lora(self.denoiser, cfg.lora, family)
         self.denoiser.train()  # from_pretrained leaves models in eval mode; LoRA dropout needs train mode
         if cfg.gradient_checkpointing:
-            if not hasattr(self.denoiser, "enable_gradient_checkpointing"):
+            if not getattr(self.denoiser, "_supports_gradient_checkpointing", False):
                 raise ValueError(f"gradient_checkpointing=true: the {family.name} denoiser does not support it")
             self.denoiser.enable_gradient_checkpointing()
         self.strict_loading = False  # checkpoints hold the LoRA weights only
